@@ -1,0 +1,194 @@
+"""Scoring with the model itself: yes/no self-VQA, image-token log-likelihoods, VQ re-encoding."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ospo_core.janus.chat import render_chat, understanding_chat
+from ospo_core.janus.image import gen_prompt_batch
+from ospo_core.janus.load import JanusBundle
+
+
+def as_rgb(images: list, what: str = "image") -> list[Image.Image]:
+    """Accept PIL images of any size and mode (converted to RGB; the processor resizes); refuse anything else."""
+    out = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{what} {i} is a {type(image).__name__}, not a PIL image; decode it first")
+        out.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return out
+
+
+def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of "yes"/"Yes" and "no"/"No": the last token of each word (resolved per tokenizer)."""
+    last = lambda w: tokenizer(w, add_special_tokens=False)["input_ids"][-1]  # noqa: E731
+    return [last("yes"), last("Yes")], [last("no"), last("No")]
+
+
+@torch.no_grad()
+def score_yes_no(
+    bundle: JanusBundle,
+    images: list[Image.Image],
+    questions: list[list[str]],
+    *,
+    shared_prefix: bool = True,
+    batch_size: int = 8,
+) -> list[list[tuple[float, float]]]:
+    """For each image, (p_yes, p_no) per question from the next-token distribution of the understanding chat.
+
+    p_yes = max(P[yes], P[Yes]), p_no = max(P[no], P[No]) under the full-vocabulary softmax. With `shared_prefix`
+    the part of the prompt shared by an image's questions (system prompt + image) is run once and its KV cache is
+    expanded to the questions, which are then batched; the result equals one full forward per question.
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images but {len(questions)} question lists; pass one list per image")
+    for i, qs in enumerate(questions):
+        if any(not q.strip() for q in qs):
+            raise ValueError(f"question list {i} holds an empty question; drop empty questions before scoring")
+    images = as_rgb(images)
+    yes, no = yes_no_ids(bundle.tokenizer)
+    results: list[list[tuple[float, float]]] = []
+    for start in range(0, len(images), batch_size):
+        imgs, qss = images[start : start + batch_size], questions[start : start + batch_size]
+        score = _score_shared if shared_prefix else _score_full
+        results += score(bundle, imgs, qss, yes, no)
+    return results
+
+
+def _yes_no(probs: torch.Tensor, yes: list[int], no: list[int]) -> list[tuple[float, float]]:
+    p_yes = probs[:, yes].max(-1).values.tolist()
+    p_no = probs[:, no].max(-1).values.tolist()
+    return list(zip(p_yes, p_no))
+
+
+def _encode(bundle, image, qs):
+    texts = [render_chat(bundle.processor, understanding_chat(q)) for q in qs]
+    return bundle.processor(text=texts, images=[image] * len(qs), padding=True, return_tensors="pt")
+
+
+def _score_full(bundle, images, questions, yes, no):
+    """Reference path: one full forward (image encoder included) per question."""
+    out = []
+    for image, qs in zip(images, questions):
+        rows = []
+        for q in qs:
+            enc = _encode(bundle, image, [q]).to(bundle.device)
+            logits = bundle.model(**enc, logits_to_keep=1).logits[:, -1].float()
+            rows += _yes_no(torch.softmax(logits, -1), yes, no)
+        out.append(rows)
+    return out
+
+
+def _score_shared(bundle, images, questions, yes, no):
+    model, device = bundle.model, bundle.device
+    # Tokenise every (image, question) prompt in full, exactly as the reference path does.
+    ids = [[_encode(bundle, img, [q])["input_ids"][0] for q in qs] for img, qs in zip(images, questions)]
+    flat = [t for row in ids for t in row]
+    if not flat:
+        return [[] for _ in images]
+    # The shared prefix: tokens common to every prompt of the batch (system + image), leaving >= 1 token each.
+    prefix_len = min(len(t) for t in flat) - 1
+    first = flat[0]
+    for t in flat[1:]:
+        neq = (t[:prefix_len] != first[:prefix_len]).nonzero()
+        if len(neq):
+            prefix_len = int(neq[0])
+    has_q = [i for i, qs in enumerate(questions) if qs]
+    pixel_values = bundle.processor.image_processor([images[i] for i in has_q], return_tensors="pt")["pixel_values"]
+    prefix = first[:prefix_len].unsqueeze(0).expand(len(has_q), -1).to(device)  # (I, L)
+    out = model.model(input_ids=prefix, pixel_values=pixel_values.to(device, bundle.dtype), use_cache=True)
+    cache = out.cache
+    # Expand each image's cache row to its questions, then run all suffixes as one right-padded batch.
+    owner = torch.tensor([j for j, i in enumerate(has_q) for _ in questions[i]], device=device)  # (Q,)
+    cache.reorder_cache(owner)
+    suffixes = [t[prefix_len:] for t in flat]
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    width = int(lengths.max())
+    pad = bundle.tokenizer.pad_token_id
+    suffix = torch.full((len(flat), width), pad, dtype=torch.long)
+    for r, s in enumerate(suffixes):
+        suffix[r, : len(s)] = s
+    suffix_mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()  # (Q, S)
+    mask = torch.cat([suffix_mask.new_ones(len(flat), prefix_len), suffix_mask], dim=-1)  # (Q, L + S)
+    positions = prefix_len + torch.arange(width, device=device).expand(len(flat), -1)
+    hidden = model.model(input_ids=suffix.to(device), attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True).last_hidden_state  # (Q, S, D)
+    last = hidden[torch.arange(len(flat), device=device), lengths - 1]  # (Q, D): logits at the last position only
+    probs = torch.softmax(model.lm_head(last).float(), -1)
+    scores = iter(_yes_no(probs, yes, no))
+    return [[next(scores) for _ in qs] for qs in questions]
+
+
+def image_token_logps(
+    model,
+    prompt_ids: torch.Tensor,  # (B, T) left-padded gen-prompt ids, ending in <begin_of_image>
+    prompt_mask: torch.Tensor,  # (B, T)
+    image_tokens: torch.Tensor,  # (B, N)
+) -> torch.Tensor:
+    """log p(y_t | x, y_<t) under the generation head for every image token, (B, N) fp32. Keeps the graph.
+
+    The sequence is [text embeds of x] ++ [gen_aligner(gen_embed(y))]; position T-1 (<begin_of_image>) predicts y_1
+    and the last image position is unused, so the head runs on exactly N positions.
+    """
+    n = image_tokens.shape[1]
+    text = model.get_input_embeddings()(prompt_ids)  # (B, T, D)
+    img = model.prepare_embeddings_for_image_generation(image_tokens)  # (B, N, D)
+    embeds = torch.cat([text, img.to(text.dtype)], dim=1)  # (B, T+N, D)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(image_tokens.shape)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                        use_cache=False).last_hidden_state
+    t = prompt_ids.shape[1]
+    logits = model.model.generation_head(hidden[:, t - 1 : t - 1 + n]).float()  # (B, N, V)
+    return torch.log_softmax(logits, -1).gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def check_image_tokens(bundle: JanusBundle, image_tokens: torch.Tensor) -> torch.Tensor:
+    tokens = torch.as_tensor(image_tokens, dtype=torch.long)
+    if tokens.ndim != 2 or tokens.shape[1] != bundle.num_image_tokens:
+        raise ValueError(
+            f"image tokens must have shape (B, {bundle.num_image_tokens}) for this model, got {tuple(tokens.shape)}"
+        )
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= bundle.codebook_size):
+        raise ValueError(
+            f"image token ids must lie in [0, {bundle.codebook_size}) (the model's codebook); got "
+            f"[{int(tokens.min())}, {int(tokens.max())}] — were these tokens made by another model?"
+        )
+    return tokens
+
+
+@torch.no_grad()
+def image_logprobs(
+    bundle: JanusBundle,
+    prompts: list[str],
+    image_tokens: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per_token [B, N], mean [B]): log-probs of the given image tokens under each short prompt's gen prompt.
+
+    `mean` is the length-normalised image log-likelihood l(x, y) of the method (weighted by `weights` [B, N] when
+    given: sum(w * logp) / sum(w)).
+    """
+    tokens = check_image_tokens(bundle, image_tokens)
+    if len(prompts) != len(tokens):
+        raise ValueError(f"got {len(prompts)} prompts for {len(tokens)} token rows")
+    per_token = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = gen_prompt_batch(bundle, prompts[start : start + batch_size])
+        per_token.append(image_token_logps(bundle.model, ids, mask, tokens[start : start + batch_size].to(bundle.device)))
+    per_token = torch.cat(per_token).cpu()  # (B, N)
+    w = torch.ones_like(per_token) if weights is None else torch.as_tensor(weights, dtype=per_token.dtype)
+    mean = (per_token * w).sum(-1) / w.sum(-1)
+    return per_token, mean
+
+
+@torch.no_grad()
+def encode_images(bundle: JanusBundle, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> VQ token ids (B, N), raster order (the authors' re-encoding of generated PNGs)."""
+    images = as_rgb(images)
+    pixel_values = bundle.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    out = bundle.model.model.vqmodel.encode(pixel_values.to(bundle.device, bundle.dtype))
+    return out.image_tokens.view(len(images), -1).cpu()
