@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 
 class StageConfig(BaseModel):
@@ -44,3 +44,188 @@ class SelectConfig(StageConfig):
         description="v3: a chosen image needs a local score (mean p_yes - p_no) of at least this. Higher = more "
         "faithful chosen images but fewer pairs.",
     )
+
+
+class TrainConfig(StageConfig):
+    """Stage 4: object-centric preference optimization (LoRA on the language model; spec section 4, v2 defaults)."""
+
+    loss: Literal["ospo", "dpo"] = Field(
+        "ospo",
+        description="ospo: reference-free SimPO + conditional preference + SFT (the paper). dpo: the pair term is "
+        "sigmoid DPO against the frozen start model (adapter disabled); costs one extra no-grad forward per step.",
+    )
+    simpo_beta: float = Field(3.0, gt=0, description="beta1: scale of the SimPO margin. Higher = sharper preference.")
+    simpo_gamma_ratio: float = Field(
+        0.5, ge=0, description="gamma1/beta1: target log-likelihood margin between chosen and rejected images."
+    )
+    copo_beta: float = Field(5.0, gt=0, description="beta2: scale of the conditional-preference margin.")
+    copo_gamma_ratio: float = Field(
+        0.5, ge=0, description="gamma2/beta2: target margin between the chosen image under its prompt and under the "
+        "rejected prompt."
+    )
+    simpo_weight: float = Field(0.8, ge=0, description="Weight of the SimPO (or DPO) pair term; 0 disables it.")
+    copo_weight: float = Field(0.5, ge=0, description="Weight of the conditional preference term; 0 disables it (v3).")
+    sft_weight: float = Field(1.5, ge=0, description="Weight of the chosen-image NLL; keeps the model on its own "
+                              "distribution while the margins grow.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label-flip probability (0 = paper).")
+    object_weighting: bool = Field(
+        False, description="v3 option: weight image tokens inside the object mask (from the masks stage) by "
+        "1 + mask_alpha * M' in the pair terms. Needs the masks table."
+    )
+    mask_alpha: float = Field(1.0, ge=0, description="Extra weight on object tokens when object_weighting is on.")
+    mask_gamma: float = Field(1.0, gt=0, description="Power applied to the blurred mask; > 1 sharpens it.")
+    token_source: Literal["sampled", "reencode"] = Field(
+        "sampled",
+        description="sampled: train on the image-token ids the sampler drew (exact, on-policy). reencode: re-encode "
+        "the PNG with the VQ encoder, as the authors do (slower; tokens drift from what was sampled).",
+    )
+    lora_r: int = Field(32, ge=1, le=1024, description="LoRA rank. Higher = more capacity and memory.")
+    lora_alpha: int = Field(64, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate (paper: 1e-5).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (paper: 0.95).")
+    lr_scheduler: Literal["constant", "cosine"] = Field(
+        "constant", description="constant (paper v2) or linear warmup then cosine down to min_lr."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (cosine).")
+    min_lr: float = Field(1e-6, ge=0, description="Final learning rate of the cosine schedule.")
+    max_steps: int = Field(500, ge=1, description="Optimizer steps. Paper: 500 steps of 128 pairs.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch (each pair = 3 sequences).")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: ~30% slower, far less memory."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
+    logging_steps: int = Field(5, ge=1, description="Log metrics every N optimizer steps.")
+    seed: int = Field(42, description="Seed for LoRA init and data order.")
+
+
+# The twelve prompt-generation runs of stage 1, in the fixed order that numbers item ids, with the spec's quotas
+# (6 x 667 attribute + 4 x 1000 layout + 4000 non-spatial + 4000 complex = 16,002 prompts).
+PromptSubCategory = Literal[
+    "color1", "color2", "shape1", "shape2", "texture1", "texture2",
+    "2D_spatial", "3D_spatial", "numeracy1", "numeracy2", "non-spatial", "complex",
+]
+SPEC_QUOTAS: dict[str, int] = {
+    "color1": 667, "color2": 667, "shape1": 667, "shape2": 667, "texture1": 667, "texture2": 667,
+    "2D_spatial": 1000, "3D_spatial": 1000, "numeracy1": 1000, "numeracy2": 1000,
+    "non-spatial": 4000, "complex": 4000,
+}
+# Stage 2a/2b reset the sampler to seed_list[i] for perturbation index i.
+SPEC_PERTURBATION_SEEDS = (0, 1, 2)
+
+
+class PromptsConfig(StageConfig):
+    """Stage 1: the model writes its own base prompts, one few-shot chat per sub-category."""
+
+    quotas: dict[PromptSubCategory, NonNegativeInt] = Field(
+        default_factory=lambda: dict(SPEC_QUOTAS),
+        description="Accepted prompts wanted per sub-category (spec: 667 per attribute, 1000 per layout, 4000 "
+        "non-spatial, 4000 complex). A partial mapping overrides only the keys it names; 0 skips a sub-category. "
+        "More prompts = more training pairs, proportionally more generation time.",
+    )
+    max_len: int | None = Field(
+        None,
+        ge=0,
+        description="Cap on every sub-category's quota (the authors' demo config uses 30). None = quotas as given.",
+    )
+    repeat: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Samples drawn per step from the same chat (spec: 8). Larger = fewer steps per rotation, so "
+        "the few-shot examples change less often per accepted prompt.",
+    )
+    max_draws_per_item: float = Field(
+        4.0,
+        ge=1.0,
+        description="A sub-category stops after ceil(quota x this) draws even if its quota is not met, so a weak "
+        "model ends. Higher = fewer shortfalls from a model that often breaks the format, at more generation cost.",
+    )
+    rotation_interval: int = Field(
+        100,
+        ge=1,
+        description="Every this many steps the few-shot examples are redrawn from the prompts accepted so far "
+        "(spec: 100; 5 shots for complex, else 3). Smaller = more diverse but more self-referential prompts.",
+    )
+    seed: int = Field(42, description="Base seed; each draw's seed is a stable hash of (seed, sub-category, draw).")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature (spec 1.0). Higher = more diverse, "
+                               "more format breaks.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus cut (spec: none = 1.0). Lower = safer, less diverse.")
+    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget per answer (spec 512). A one-line "
+                                "answer needs ~60; a lower budget saves time on rambling samples.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
+                            "runs out; results do not depend on it.")
+    fallback: Fallback = Field(
+        "none",
+        description="none (paper-faithful): a sub-category that misses its quota stays short. structured: fill the "
+        "shortfall from a built-in grammar and vocabulary, marked source='fallback' (for weak or tiny models).",
+    )
+
+    def quota_for(self, key: str) -> int:
+        quota = self.quotas[key]
+        return quota if self.max_len is None else min(quota, self.max_len)
+
+    @field_validator("quotas", mode="before")
+    @classmethod
+    def _fill_spec_quotas(cls, value):
+        # A UI form or YAML usually names only the sub-categories it changes.
+        return {**SPEC_QUOTAS, **value} if isinstance(value, dict) else value
+
+
+class _TextSamplingConfig(StageConfig):
+    """What the stage-2/3 text calls share: batching and the structured fallback switch."""
+
+    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
+                            "runs out; results do not depend on it.")
+    fallback: Fallback = Field(
+        "none",
+        description="none (paper-faithful): a row the model fails stays failed (ok=False, with a reason). "
+        "structured: build the missing text from the structured columns instead, marked source='fallback'.",
+    )
+
+
+class PerturbConfig(_TextSamplingConfig):
+    """Stage 2a: one object-level hard negative per (base prompt, perturbation index k = 0, 1, 2)."""
+
+    seeds: tuple[int, int, int] = Field(
+        SPEC_PERTURBATION_SEEDS,
+        description="Seed of perturbation index k (spec: 0, 1, 2); a row's seed is a stable hash of (seeds[k], "
+        "item_id), so samples do not depend on batching or sharding.",
+    )
+    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = bolder "
+                               "negatives, more format breaks.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9). Lower = safer, less varied.")
+    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for the 4-step answer (spec 512). "
+                                "Too low cuts the answer before 'Contrastive Prompt:'.")
+
+
+class DensifyConfig(_TextSamplingConfig):
+    """Stage 2b: dense (long) versions of each base prompt and its negative, written together in one call."""
+
+    seeds: tuple[int, int, int] = Field(
+        SPEC_PERTURBATION_SEEDS,
+        description="Seed of perturbation index k (spec: the same 0, 1, 2 as stage 2a); a row's seed is a stable "
+        "hash of (seeds[k], item_id).",
+    )
+    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = more varied "
+                               "scenes, more drift from the short prompt.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9).")
+    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for both dense prompts (spec 512). "
+                                "Too low cuts the answer before 'Step 4. Prompt 2 Dense:'.")
+
+
+class QuestionsConfig(_TextSamplingConfig):
+    """Stage 3a: decompositional yes/no questions for each short base prompt and each short negative prompt."""
+
+    seed: int = Field(42, description="Base seed (spec 42); a row's seed is a stable hash of (seed, item_id, k).")
+    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2).")
+    top_p: float = Field(0.5, gt=0, le=1, description="Nucleus cut (spec 0.5): keeps the questions close to the "
+                         "prompt's own words.")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Token budget per answer (spec 256). Too low "
+                                "truncates the question list.")

@@ -187,11 +187,11 @@ class TestOSPOLoss:
         """L = 0.8·1.801471 + 0.5·1.087745 + 1.5·2.0 = 1.441177 + 0.543873 + 3.0 = 4.985050."""
         loss, metrics = ospo_loss(CHOSEN, REJECTED, SWAPPED, TOKENS, TOKEN_MASK, OSPOLossConfig())
         assert_close(loss, torch.tensor(4.9850496))
-        assert_close(metrics["loss/simpo"], torch.tensor(0.8 * MEAN_SIMPO))
+        assert_close(metrics["loss/preference"], torch.tensor(0.8 * MEAN_SIMPO))
         assert_close(metrics["loss/conditional"], torch.tensor(0.5 * MEAN_COPO))
         assert_close(metrics["loss/sft"], torch.tensor(1.5 * SFT))
         assert_close(metrics["nll/chosen"], torch.tensor(SFT))
-        assert_close(metrics["loss/simpo"] + metrics["loss/conditional"] + metrics["loss/sft"], loss.detach())
+        assert_close(metrics["loss/preference"] + metrics["loss/conditional"] + metrics["loss/sft"], loss.detach())
 
     def test_metrics(self):
         """SimPO rewards (β₁ = 3): chosen [-6, -9] mean -7.5; rejected [-7.8, -7.5] mean -7.65;
@@ -215,7 +215,7 @@ class TestOSPOLoss:
         }
         for key, value in expected.items():
             assert_close(metrics[key], torch.tensor(value), msg=key)
-        assert set(metrics) == set(expected) | {"loss/simpo", "loss/conditional", "loss/sft"}
+        assert set(metrics) == set(expected) | {"loss/preference", "loss/conditional", "loss/sft"}
         assert all(m.ndim == 0 and m.dtype == torch.float32 and not m.requires_grad for m in metrics.values())
 
     def test_no_copo_ignores_swapped(self):

@@ -322,6 +322,7 @@ def ospo_loss(
     chosen_token_logps: Tensor,
     chosen_mask: Tensor,
     cfg: OSPOLossConfig,
+    reference_logps: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The OSPO objective (spec §4): L = mean_batch(w_S·L_S + w_C·L_C) + w_SFT·L_SFT.
 
@@ -335,12 +336,14 @@ def ospo_loss(
         chosen_token_logps: [B, T] per-token log-probs of the chosen sequence for L_SFT (always unweighted).
         chosen_mask: [B, T] 1 on the chosen image-token positions.
         cfg: weights and scales.
+        reference_logps: ``(ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l))`` from the frozen reference; when given, the pair term
+            is sigmoid DPO (β₁, the same label smoothing) instead of SimPO — the `loss: dpo` ablation.
 
     Returns:
         ``(loss, metrics)``: a scalar fp32 loss, and detached fp32 scalars under TRL's names —
         ``rewards/{chosen,rejected,accuracies,margins}`` (SimPO, β₁), ``rewards/{swapped,conditional_margin,
         conditional_accuracies}`` (CoPO, β₂), ``logps/{chosen,rejected,swapped}`` (batch means of ℓ),
-        ``nll/chosen`` (the unweighted L_SFT) and ``loss/{simpo,conditional,sft}``, the weighted contributions, so
+        ``nll/chosen`` (the unweighted L_SFT) and ``loss/{preference,conditional,sft}``, the weighted contributions, so
         they add up to ``loss``.
 
     Example:
@@ -358,15 +361,20 @@ def ospo_loss(
     if cfg.simpo_weight > 0:
         if rejected_logps is None:
             raise ValueError("rejected_logps is None but simpo_weight > 0; pass ℓ(x_c, y_l) or set simpo_weight=0.")
-        losses, chosen_rewards, rejected_rewards = simpo_loss(
-            chosen_logps,
-            rejected_logps,
-            beta=cfg.beta1,
-            gamma_beta_ratio=cfg.ratio1,
-            label_smoothing=cfg.label_smoothing,
-        )
+        if reference_logps is None:
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen_logps,
+                rejected_logps,
+                beta=cfg.beta1,
+                gamma_beta_ratio=cfg.ratio1,
+                label_smoothing=cfg.label_smoothing,
+            )
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, *reference_logps, beta=cfg.beta1, label_smoothing=cfg.label_smoothing
+            )
         pair_losses = pair_losses + cfg.simpo_weight * losses
-        metrics["loss/simpo"] = cfg.simpo_weight * losses.detach().mean()
+        metrics["loss/preference"] = cfg.simpo_weight * losses.detach().mean()
         metrics["rewards/chosen"] = chosen_rewards.mean()
         metrics["rewards/rejected"] = rejected_rewards.mean()
         metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()

@@ -1,0 +1,202 @@
+"""OSPOTrainer: TRL's DPOTrainer with the Janus image-token loss in place of its language-model loss.
+
+TRL 1.16's DPOTrainer computes log-probs with a fused LM head patched onto the model; Janus scores images with its
+*generation* head, so `compute_loss` is replaced entirely (the parent's `_compute_loss` is never called). What we
+keep from TRL: dataset preparation (`_prepare_dataset`), the reference pass with the adapter disabled
+(`compute_ref_log_probs`), PEFT wiring, metric logging, checkpointing and resume.
+
+One step: the collator stacks the B pairs into 3B rows (x_c, y_w), (x_c, y_l), (x_r, y_w); one forward gives the
+per-token image log-probs of all of them (logits at image positions only); `ospo_loss` does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+from ospo_core.config import TrainConfig
+from ospo_core.janus.load import LORA_TARGET_REGEX, JanusBundle, write_adapter_meta
+from ospo_core.janus.score import image_token_logps
+from ospo_core.records import TRAIN_HISTORY
+from ospo_core.train.data import OSPOCollator, pairs_to_dataset, tokenize_prompts
+from ospo_core.train.loss import OSPOLossConfig, ospo_loss, weighted_mean_logps
+
+
+@dataclass
+class OSPOConfig(DPOConfig):
+    r"""DPOConfig plus the OSPO objective (paper symbols; defaults = v2).
+
+    Parameters:
+        loss (`str`, defaults to `"ospo"`): `"ospo"` (SimPO + CoPO + SFT, reference-free) or `"dpo"` (the pair term
+            is sigmoid DPO against the model with the adapter disabled).
+        simpo_beta (`float`, defaults to `3.0`): β₁.  simpo_gamma_ratio (`float`, defaults to `0.5`): γ₁/β₁.
+        copo_beta (`float`, defaults to `5.0`): β₂.  copo_gamma_ratio (`float`, defaults to `0.5`): γ₂/β₂.
+        simpo_weight, copo_weight, sft_weight (`float`, defaults to `0.8, 0.5, 1.5`): weights of the three terms.
+    """
+
+    loss: str = field(default="ospo", metadata={"help": "ospo | dpo"})
+    simpo_beta: float = field(default=3.0, metadata={"help": "β₁"})
+    simpo_gamma_ratio: float = field(default=0.5, metadata={"help": "γ₁/β₁"})
+    copo_beta: float = field(default=5.0, metadata={"help": "β₂"})
+    copo_gamma_ratio: float = field(default=0.5, metadata={"help": "γ₂/β₂"})
+    simpo_weight: float = field(default=0.8, metadata={"help": "weight of the pair term"})
+    copo_weight: float = field(default=0.5, metadata={"help": "weight of the conditional preference term"})
+    sft_weight: float = field(default=1.5, metadata={"help": "weight of the chosen-image NLL"})
+
+    def loss_config(self) -> OSPOLossConfig:
+        return OSPOLossConfig(
+            beta1=self.simpo_beta, ratio1=self.simpo_gamma_ratio, beta2=self.copo_beta, ratio2=self.copo_gamma_ratio,
+            simpo_weight=self.simpo_weight, copo_weight=self.copo_weight, sft_weight=self.sft_weight,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/inf loss; the checkpoints written before it are kept."""
+
+
+class OSPOTrainer(DPOTrainer):
+    def __init__(self, model, args: OSPOConfig, train_dataset, processing_class, peft_config=None, **kwargs):
+        collator = OSPOCollator(pad_token_id=processing_class.tokenizer.pad_token_id)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=collator, peft_config=peft_config, **kwargs)
+        self.loss_cfg = args.loss_config()
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        frozen_ok = all("lora_" in n and "language_model" in n for n in trainable)
+        if not trainable or not frozen_ok:
+            raise RuntimeError(f"only the language model's LoRA weights may train; trainable: {trainable[:5]}...")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Tokenise the gen prompts once, up front (TRL's hook; its own LM tokenisation does not apply)."""
+        return dataset.map(tokenize_prompts, fn_kwargs={"processor": processing_class},
+                           desc=f"Tokenising {dataset_name} gen prompts")
+
+    def _janus(self, model):
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+    def concatenated_forward(self, model, inputs) -> torch.Tensor:
+        """Per-token image log-probs of all 3B rows in one forward, (3B, N) fp32."""
+        return image_token_logps(self._janus(model), inputs["prompt_ids"], inputs["prompt_mask"],
+                                 inputs["image_tokens"])
+
+    def _sequence_logps(self, per_token: torch.Tensor, inputs) -> torch.Tensor:
+        mask = torch.ones_like(per_token)
+        return weighted_mean_logps(per_token, mask, inputs.get("token_weights"))  # (rows,)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l) with the LoRA adapter disabled (the start model is the reference)."""
+        rows = 2 * inputs["image_tokens"].shape[0] // 3
+        head = {k: v[:rows] for k, v in inputs.items()}
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            per_token = self.concatenated_forward(model, head)
+        return tuple(self._sequence_logps(per_token, head).chunk(2))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        per_token = self.concatenated_forward(model, inputs)  # (3B, N)
+        chosen, rejected, swapped = self._sequence_logps(per_token, inputs).chunk(3)  # (B,) each
+        reference = self.compute_ref_log_probs(model, inputs) if self.args.loss == "dpo" else None
+        batch = chosen.shape[0]
+        loss, metrics = ospo_loss(chosen, rejected, swapped, per_token[:batch], torch.ones_like(per_token[:batch]),
+                                  self.loss_cfg, reference_logps=reference)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite OSPO loss ({loss.item()}) at step {self.state.global_step}: training stopped; the last "
+                f"checkpoint in {self.args.output_dir} is kept. Lower the learning rate or check the pairs table."
+            )
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.detach()).float().mean().item())
+        return (loss, {"per_token_logps": per_token.detach()}) if return_outputs else loss
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    history: pa.Table  # records.TRAIN_HISTORY: (step, metric, value)
+    final_metrics: dict[str, float]
+    steps: int
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=LORA_TARGET_REGEX)
+
+
+def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device) -> OSPOConfig:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    cosine = cfg.lr_scheduler == "cosine"
+    return OSPOConfig(
+        output_dir=str(output_dir),
+        loss=cfg.loss, simpo_beta=cfg.simpo_beta, simpo_gamma_ratio=cfg.simpo_gamma_ratio,
+        copo_beta=cfg.copo_beta, copo_gamma_ratio=cfg.copo_gamma_ratio, simpo_weight=cfg.simpo_weight,
+        copo_weight=cfg.copo_weight, sft_weight=cfg.sft_weight, label_smoothing=cfg.label_smoothing,
+        learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=1e-8,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine_with_min_lr" if cosine else "constant",
+        lr_scheduler_kwargs={"min_lr": cfg.min_lr} if cosine else None,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps) if cosine else 0,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=bf16, fp16=False,
+        seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        logging_steps=cfg.logging_steps, logging_first_step=True,
+        report_to="none",
+        remove_unused_columns=False,  # our columns are not model forward arguments
+        disable_dropout=False,  # keep the paper's LoRA dropout
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
+    )
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def train_ospo(
+    pairs: pa.Table,
+    bundle: JanusBundle,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    *,
+    masks: pa.Table | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter on the pairs; writes `<output_dir>/adapter` (safetensors + the base fingerprint).
+
+    Takes ownership of `bundle.model` (LoRA layers are injected into it). With `resume`, an interrupted run
+    continues from its last checkpoint in `output_dir`.
+    """
+    output_dir = Path(output_dir)
+    dataset = pairs_to_dataset(pairs, bundle, cfg, masks)
+    args = ospo_training_args(cfg, output_dir, bundle.device)
+    if args.bf16 is False and bundle.dtype != torch.float32:
+        bundle.model.float()  # fp32 training on CPU: bf16 weights would train with bf16 rounding
+    trainer = OSPOTrainer(bundle.model, args, dataset, bundle.processor, peft_config=lora_config(cfg),
+                          callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    write_adapter_meta(adapter_dir, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
+    history = [
+        {"step": int(entry["step"]), "metric": key, "value": float(value)}
+        for entry in trainer.state.log_history
+        for key, value in entry.items()
+        if key not in ("step", "epoch") and isinstance(value, (int, float))
+    ]
+    final = {r["metric"]: r["value"] for r in history}
+    return TrainResult(adapter_dir, pa.Table.from_pylist(history, schema=TRAIN_HISTORY), final,
+                       trainer.state.global_step)
