@@ -229,3 +229,22 @@ class QuestionsConfig(_TextSamplingConfig):
                          "prompt's own words.")
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Token budget per answer (spec 256). Too low "
                                 "truncates the question list.")
+
+
+class RenderConfig(StageConfig):
+    """Stage 2c: images for the base and negative dense prompts (one image per side and perturbation index)."""
+
+    cfg_weight: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance weight w (paper: 5). Higher "
+                              "= closer to the prompt, less diverse; 1 = no guidance.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature of image tokens (paper: 1).")
+    seed: int = Field(0, description="Base seed; image k of an item uses a seed derived from (seed, item_id, k), "
+                      "shared by its base and negative sides so the pair differs only by the prompt.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance). "
+                            "Larger = faster on a GPU until memory runs out.")
+
+
+class VQAConfig(StageConfig):
+    """Stage 3b: the model answers its own decompositional questions on every image (yes/no probabilities)."""
+
+    batch_size: int = Field(8, ge=1, le=1024, description="Images per scoring batch; each image's prefix is "
+                            "computed once and shared by its questions.")

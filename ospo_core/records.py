@@ -246,3 +246,28 @@ def check_schema(
         extra = [n for n in actual.names if n not in expected.names]
         if extra:
             raise SchemaError(f"table '{table}'{at} has columns {extra} that its schema does not define")
+
+
+def image_cell(image) -> dict:
+    """A PIL image -> the `datasets.Image` struct with its PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return png_struct(buf.getvalue())
+
+
+def decode_image(cell: dict | None):
+    """The struct -> a PIL RGB image, or None when the bytes are missing or do not decode (a counted rejection)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not cell or not cell.get("bytes"):
+        return None
+    try:
+        image = Image.open(io.BytesIO(cell["bytes"]))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    return image.convert("RGB")

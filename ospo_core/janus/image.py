@@ -102,7 +102,15 @@ def _sample_batch(bundle, prompts, seeds, cfg_weight, temperature, greedy) -> to
 
 @torch.no_grad()
 def decode_images(bundle: JanusBundle, tokens: torch.Tensor) -> list[Image.Image]:
-    """VQ-decode (B, N) token ids -> RGB PIL images; decoder values in [-1, 1] map to uint8 as clip((x+1)/2*255)."""
-    pixels = bundle.model.decode_image_tokens(tokens.to(bundle.device))  # (B, H, W, 3)
-    arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+    """VQ-decode (B, N) token ids -> RGB PIL images; decoder values in [-1, 1] map to uint8 as clip((x+1)/2*255).
+
+    One image per decoder call: batched convolutions round differently with the batch size, and an image must not
+    depend on what it was decoded with (tables are compared row for row across shardings). Decoding is a small
+    fraction of the cost of sampling.
+    """
+    images = []
+    for row in tokens.to(bundle.device):
+        pixels = bundle.model.decode_image_tokens(row.unsqueeze(0))[0]  # (H, W, 3)
+        arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).cpu().numpy()
+        images.append(Image.fromarray(np.ascontiguousarray(arr)))
+    return images
