@@ -32,10 +32,11 @@ class SelectConfig(StageConfig):
     )
     margin: float = Field(
         0.5,
-        ge=0.0,
+        ge=-1.0,
         lt=1.0,
         description="v2 filter margin: a chosen image needs p_yes - p_no > margin on every question, a rejected image "
-        "(or rejected prompt) p_no - p_yes > margin on at least one. Higher = cleaner pairs but fewer items kept.",
+        "(or rejected prompt) p_no - p_yes > margin on at least one. Higher = cleaner pairs but fewer items kept; "
+        "-1 turns the filter off (only for a judge that knows nothing, like the random tiny model).",
     )
     min_chosen_score: float = Field(
         0.6,
@@ -248,3 +249,66 @@ class VQAConfig(StageConfig):
 
     batch_size: int = Field(8, ge=1, le=1024, description="Images per scoring batch; each image's prefix is "
                             "computed once and shared by its questions.")
+
+
+class MasksConfig(StageConfig):
+    """Object masks for the v3 object-weighted loss, from the model's own attention (runs when
+    train.object_weighting is on)."""
+
+    layer_skip: int = Field(
+        5, ge=0, description="Attention of this many first and last LM layers is ignored (spec: layers 5-24 of 30); "
+        "clamped so at least one layer remains on small models.",
+    )
+    otsu_scale: float = Field(0.8, gt=0, le=2, description="Binary threshold = this x Otsu's threshold on the "
+                              "normalised attention map. Lower = larger masks.")
+    batch_size: int = Field(4, ge=1, le=256, description="Images per attention pass (eager attention is memory-hungry).")
+
+
+class RoundConfig(StageConfig):
+    """One OSPO self-improvement round: the model writes prompts, builds hard negatives, draws and judges images,
+    selects preference pairs and trains a LoRA adapter on them. These fields are the Prefect run form."""
+
+    round_id: str | None = Field(
+        None, description="Folder name under OSPO_HOME/runs; empty = a new id from the date and time. Reuse an id "
+        "to resume or re-run a round: finished stages are cache hits, finished shards are skipped.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    )
+    model: str = Field("tiny", description="'tiny' (built-in random model, for demos and tests) or a local folder "
+                       "with a transformers-format Janus checkpoint.")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters of earlier rounds, merged in order "
+                                "before this round starts (the self-improvement flow fills this in).")
+    shard_rows: int = Field(64, ge=1, le=100_000, description="Rows per Parquet shard of the rendering and self-VQA "
+                            "stages: the unit of resume after a crash. Smaller = less lost work, more files.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Stage 1: initial prompt generation.")
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig, description="Stage 2a: object-level negatives.")
+    densify: DensifyConfig = Field(default_factory=DensifyConfig, description="Stage 2b: dense rewrites.")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="Stage 2c: images for both sides.")
+    questions: QuestionsConfig = Field(default_factory=QuestionsConfig, description="Stage 3a: decompositional "
+                                       "questions.")
+    vqa: VQAConfig = Field(default_factory=VQAConfig, description="Stage 3b: self-VQA scoring.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Stage 3c/3d: pair selection.")
+    masks: MasksConfig = Field(default_factory=MasksConfig, description="v3 option: object masks.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 4: preference optimization.")
+
+
+# A round that finishes in a few minutes on 2 CPU cores with the tiny model: a few prompts per sub-category,
+# short text budgets, structured fallbacks (the tiny model writes nonsense), a short training run.
+DEMO_OVERRIDES: dict = {
+    "prompts": {"max_len": 2, "repeat": 4, "max_draws_per_item": 2.0, "max_new_tokens": 24, "fallback": "structured"},
+    "perturb": {"max_new_tokens": 24, "fallback": "structured"},
+    "densify": {"max_new_tokens": 24, "fallback": "structured"},
+    "questions": {"max_new_tokens": 24, "fallback": "structured"},
+    "select": {"rule": "v2", "margin": -1.0},  # the random model's answers carry no signal
+    "train": {"max_steps": 8, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
+              "save_steps": 4, "logging_steps": 1, "gradient_checkpointing": False},
+    "shard_rows": 16,
+}
+PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES}
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """Nested dict merge: overrides win, sub-dicts merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

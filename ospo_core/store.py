@@ -257,7 +257,8 @@ def content_hash(source: Path | pa.Table) -> str:
 # ---------------------------------------------------------------- JSON documents
 
 
-def _write_json(path: Path, document: Any) -> Path:
+def write_json(path: Path, document: Any) -> Path:
+    """Atomic JSON file (temporary sibling + rename)."""
     data = json.dumps(document, indent=2, allow_nan=False).encode() + b"\n"
     return _atomic_write(path, lambda f: f.write(data))
 
@@ -271,7 +272,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 def write_manifest(round_path: Path, manifest: dict) -> Path:
     """Write `<round_dir>/manifest.json` atomically (it must be JSON: no NaN, no objects)."""
-    return _write_json(Path(round_path) / "manifest.json", manifest)
+    return write_json(Path(round_path) / "manifest.json", manifest)
 
 
 def read_manifest(round_path: Path) -> dict:
@@ -326,7 +327,7 @@ def register(home: Path, entry: dict) -> None:
             entries[same[0]] = entry
         else:
             entries.append(entry)
-        _write_json(path, {"entries": entries})
+        write_json(path, {"entries": entries})
 
 
 def latest_promoted(home: Path) -> dict | None:

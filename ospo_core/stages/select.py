@@ -113,8 +113,9 @@ class Rejection:
 
 
 def is_true_positive(s: ImageScore, margin: float) -> bool:
-    """3c chosen filter: no question answered "no" and p_yes - p_no > margin on every question."""
-    return all(a != "no" for a in s.answers) and all(y - n > margin for y, n in zip(s.p_yes, s.p_no))
+    """3c chosen filter: p_yes - p_no > margin on every question (for margin >= 0 this implies the paper's "no
+    question answered no"; a negative margin loosens the filter, -1 turns it off)."""
+    return all(y - n > margin for y, n in zip(s.p_yes, s.p_no))
 
 
 def is_true_negative(s: ImageScore, margin: float) -> bool:
