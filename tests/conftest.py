@@ -20,3 +20,12 @@ def tiny():
     from ospo_core.janus.load import load_janus
 
     return load_janus("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def prefect():
+    """One temporary Prefect server (test harness) for the whole session: it takes ~10 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -104,7 +104,13 @@ def load_janus(
     return bundle
 
 
-def _load_folder(folder: Path, dtype: torch.dtype):
+def check_model_source(source: str | os.PathLike) -> None:
+    """Refuse a model source that cannot load, without loading any weights (a CLI checks this before it writes)."""
+    if str(source) != "tiny":
+        _check_folder(Path(source))
+
+
+def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelLoadError(
             f"model folder {folder} does not exist; pass --model tiny or a local folder holding a "
@@ -126,6 +132,10 @@ def _load_folder(folder: Path, dtype: torch.dtype):
         raise ModelLoadError(
             f"{folder} has no *.safetensors weights; only safetensors are loaded (pickled .bin files are refused)"
         )
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    _check_folder(folder)
     try:
         model = JanusForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True
@@ -184,10 +194,14 @@ def apply_adapter(bundle: JanusBundle, adapter: str | os.PathLike) -> JanusBundl
         raise ModelLoadError(f"adapter {adapter} does not fit this model ({bundle.source}): {exc}") from exc
     model = peft_model.merge_and_unload()
     model.eval()
-    fingerprint = hashlib.sha256(
-        (bundle.fingerprint + _hash_file(adapter / "adapter_model.safetensors")).encode()
-    ).hexdigest()[:16]
+    fingerprint = merged_fingerprint(bundle.fingerprint, adapter)
     return JanusBundle(model, bundle.processor, fingerprint, bundle.source, bundle.adapters + (str(adapter),))
+
+
+def merged_fingerprint(base_fingerprint: str, adapter: str | os.PathLike) -> str:
+    """Fingerprint of a model after merging `adapter` (computable without loading either)."""
+    weights = _hash_file(Path(adapter) / "adapter_model.safetensors")
+    return hashlib.sha256((base_fingerprint + weights).encode()).hexdigest()[:16]
 
 
 def write_adapter_meta(adapter_dir: str | os.PathLike, base_fingerprint: str, **extra) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from ospo_core.config import TrainConfig
@@ -153,6 +153,7 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device)
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
         logging_steps=cfg.logging_steps, logging_first_step=True,
         report_to="none",
+        disable_tqdm=True,  # progress is reported by the caller's callbacks (Prefect artifacts, logs)
         remove_unused_columns=False,  # our columns are not model forward arguments
         disable_dropout=False,  # keep the paper's LoRA dropout
         dataloader_num_workers=0,
@@ -187,6 +188,7 @@ def train_ospo(
         bundle.model.float()  # fp32 training on CPU: bf16 weights would train with bf16 rounding
     trainer = OSPOTrainer(bundle.model, args, dataset, bundle.processor, peft_config=lora_config(cfg),
                           callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # metrics go to the history table, not to stdout
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
