@@ -312,3 +312,14 @@ def deep_update(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+class SelfImproveConfig(StageConfig):
+    """N OSPO rounds back to back, each starting from the latest promoted model (the nightly deployment)."""
+
+    rounds: int = Field(1, ge=1, le=100, description="Rounds to run now. Each round trains on data its own start "
+                        "model generated.")
+    round_prefix: str = Field("nightly", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,60}$",
+                              description="Round ids are <prefix>-<date>-<time>-<n>.")
+    round: RoundConfig = Field(default_factory=RoundConfig, description="Settings of every round; its model and "
+                               "adapters are where the lineage starts when nothing has been promoted yet.")
