@@ -22,7 +22,7 @@ $(BIN)/ospo: pyproject.toml
 venv: $(BIN)/ospo
 
 run: venv
-	$(BIN)/ospo smoke --model tiny
+	$(BIN)/ospo run --model tiny
 
 test: venv
 	$(BIN)/python -m pytest

@@ -191,34 +191,27 @@ class _TextSamplingConfig(StageConfig):
     )
 
 
-class PerturbConfig(_TextSamplingConfig):
+class _PerIndexSamplingConfig(_TextSamplingConfig):
+    """Stages 2a and 2b sample once per perturbation index k, with the spec's per-index seeds and settings."""
+
+    seeds: tuple[int, int, int] = Field(
+        SPEC_PERTURBATION_SEEDS,
+        description="Seed of perturbation index k (spec: 0, 1, 2 for both 2a and 2b); a row's seed is a stable hash "
+        "of (seeds[k], item_id), so samples do not depend on batching or sharding.",
+    )
+    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = bolder, more "
+                               "varied text, more format breaks.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9). Lower = safer, less varied.")
+    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for the step-by-step answer (spec "
+                                "512). Too low cuts the answer before its final marker.")
+
+
+class PerturbConfig(_PerIndexSamplingConfig):
     """Stage 2a: one object-level hard negative per (base prompt, perturbation index k = 0, 1, 2)."""
 
-    seeds: tuple[int, int, int] = Field(
-        SPEC_PERTURBATION_SEEDS,
-        description="Seed of perturbation index k (spec: 0, 1, 2); a row's seed is a stable hash of (seeds[k], "
-        "item_id), so samples do not depend on batching or sharding.",
-    )
-    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = bolder "
-                               "negatives, more format breaks.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9). Lower = safer, less varied.")
-    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for the 4-step answer (spec 512). "
-                                "Too low cuts the answer before 'Contrastive Prompt:'.")
 
-
-class DensifyConfig(_TextSamplingConfig):
+class DensifyConfig(_PerIndexSamplingConfig):
     """Stage 2b: dense (long) versions of each base prompt and its negative, written together in one call."""
-
-    seeds: tuple[int, int, int] = Field(
-        SPEC_PERTURBATION_SEEDS,
-        description="Seed of perturbation index k (spec: the same 0, 1, 2 as stage 2a); a row's seed is a stable "
-        "hash of (seeds[k], item_id).",
-    )
-    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = more varied "
-                               "scenes, more drift from the short prompt.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9).")
-    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for both dense prompts (spec 512). "
-                                "Too low cuts the answer before 'Step 4. Prompt 2 Dense:'.")
 
 
 class QuestionsConfig(_TextSamplingConfig):
