@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 
 class StageConfig(BaseModel):
@@ -124,15 +124,21 @@ SPEC_PERTURBATION_SEEDS = (0, 1, 2)
 class PromptsConfig(StageConfig):
     """Stage 1: the model writes its own base prompts, one few-shot chat per sub-category."""
 
-    quotas: dict[PromptSubCategory, NonNegativeInt] = Field(
+    sub_categories: tuple[PromptSubCategory, ...] = Field(
+        tuple(SPEC_QUOTAS),
+        min_length=1,
+        description="Which of the 12 prompt-generation runs to do (all by default). Item ids are numbered in the "
+        "spec's fixed order whichever runs are chosen.",
+    )
+    quotas: dict[PromptSubCategory, PositiveInt] = Field(
         default_factory=lambda: dict(SPEC_QUOTAS),
         description="Accepted prompts wanted per sub-category (spec: 667 per attribute, 1000 per layout, 4000 "
-        "non-spatial, 4000 complex). A partial mapping overrides only the keys it names; 0 skips a sub-category. "
-        "More prompts = more training pairs, proportionally more generation time.",
+        "non-spatial, 4000 complex). A partial mapping overrides only the keys it names; to skip a run, leave it "
+        "out of sub_categories. More prompts = more training pairs, proportionally more generation time.",
     )
     max_len: int | None = Field(
         None,
-        ge=0,
+        ge=1,
         description="Cap on every sub-category's quota (the authors' demo config uses 30). None = quotas as given.",
     )
     repeat: int = Field(
@@ -169,6 +175,9 @@ class PromptsConfig(StageConfig):
     )
 
     def quota_for(self, key: str) -> int:
+        """Accepted prompts wanted from run `key`; 0 when the run is not in sub_categories."""
+        if key not in self.sub_categories:
+            return 0
         quota = self.quotas[key]
         return quota if self.max_len is None else min(quota, self.max_len)
 

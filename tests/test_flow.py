@@ -12,9 +12,8 @@ STAGE_TASKS = ["generate-prompts", "perturb", "densify", "render", "questions", 
 
 # A few prompts in four sub-categories, short text budgets: the whole round takes well under a minute.
 SMALL = deep_update(DEMO_OVERRIDES, {
-    "prompts": {"quotas": {k: 0 for k in ("color2", "shape1", "shape2", "texture1", "texture2", "3D_spatial",
-                                           "numeracy1", "non-spatial")} | {"color1": 2, "2D_spatial": 1,
-                                                                            "numeracy2": 1, "complex": 1},
+    "prompts": {"sub_categories": ["color1", "2D_spatial", "numeracy2", "complex"],
+                "quotas": {"color1": 2, "2D_spatial": 1, "numeracy2": 1, "complex": 1},
                 "max_new_tokens": 8, "repeat": 2},
     "perturb": {"max_new_tokens": 8}, "densify": {"max_new_tokens": 8}, "questions": {"max_new_tokens": 8},
     "train": {"max_steps": 2, "save_steps": 2},

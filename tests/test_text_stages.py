@@ -25,7 +25,11 @@ from ospo_core.stages.questions import generate_questions
 from ospo_core.templates import SUB_CATEGORIES, perturbations_for, prompt_template, vocabulary
 from ospo_core.templates.parse import forbidden_substring, parse_relation
 
-NO_QUOTA = {key: 0 for key in SUB_CATEGORIES}
+
+
+def only(quotas: dict[str, int]) -> dict:
+    """PromptsConfig fields that run just these sub-categories with these quotas."""
+    return {"sub_categories": tuple(quotas), "quotas": quotas}
 REASONS = {"bad_format", "forbidden_substring", "empty", "duplicate", "over_quota", "role_token", "no_marker",
            "template_leak", "echo", "no_dense_prompt", "no_negative_dense_prompt", "no_questions"}
 
@@ -95,7 +99,7 @@ def test_prompts_rules_quotas_and_item_ids(script):
         "complex": [answer_line("a (fluffy) cat - on a mat", "(cat, fluffy)"), answer_line("a dog on a log"),
                     "x;y", answer_line("a fox")],
     }))
-    cfg = PromptsConfig(quotas={**NO_QUOTA, "color1": 3, "2D_spatial": 1, "complex": 2}, repeat=4,
+    cfg = PromptsConfig(**only({"color1": 3, "2D_spatial": 1, "complex": 2}), repeat=4,
                         max_draws_per_item=3, max_new_tokens=7)
     table = generate_prompts(None, cfg)
     rows = table.to_pylist()
@@ -127,7 +131,7 @@ def test_prompts_rules_quotas_and_item_ids(script):
 
 def test_prompts_structured_fallback_fills_the_shortfall(script):
     script(prompts_module, lambda chat: "nonsense")
-    cfg = PromptsConfig(quotas={**NO_QUOTA, "color2": 2, "numeracy2": 1}, max_draws_per_item=1,
+    cfg = PromptsConfig(**only({"color2": 2, "numeracy2": 1}), max_draws_per_item=1,
                         fallback="structured")
     rows = generate_prompts(None, cfg).to_pylist()
     assert [(r["source"], r["ok"], r["item_id"]) for r in rows] == [
@@ -154,7 +158,7 @@ def test_fallback_grammar_writes_valid_distinct_prompts():
 def test_prompts_rotation_redraws_shots_from_accepted_prompts(script):
     counter = iter(range(100))
     fake = script(prompts_module, lambda chat: answer_line(f"a cat number {next(counter)}"))
-    cfg = PromptsConfig(quotas={**NO_QUOTA, "color1": 5}, repeat=1, rotation_interval=2)
+    cfg = PromptsConfig(**only({"color1": 5}), repeat=1, rotation_interval=2)
     rows = generate_prompts(None, cfg).to_pylist()
     assert [r["item_id"] for r in rows] == [f"000000{i}" for i in range(5)]
     # Steps 0-1 and 2-3 use the template's shots (3 accepted are needed to rotate: none at step 2), step 4 rotates.
@@ -375,8 +379,8 @@ def test_tiny_model_later_stages_without_fallback(tiny):
 
 
 def test_tiny_model_round_with_structured_fallback(tiny):
-    quotas = {**NO_QUOTA, "color2": 1, "2D_spatial": 1, "numeracy2": 1, "complex": 1}
-    prompts = generate_prompts(tiny, PromptsConfig(quotas=quotas, max_draws_per_item=1, fallback="structured",
+    quotas = {"color2": 1, "2D_spatial": 1, "numeracy2": 1, "complex": 1}
+    prompts = generate_prompts(tiny, PromptsConfig(**only(quotas), max_draws_per_item=1, fallback="structured",
                                                    **SMALL))
     items = prompts.filter(prompts.column("ok"))
     assert items.num_rows == 4
