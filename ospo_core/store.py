@@ -301,6 +301,47 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class RoundBusyError(RuntimeError):
+    """Another process is running the same round."""
+
+
+_HELD_ROUNDS: dict[str, IO] = {}
+
+
+def lock_round(round_path: Path) -> None:
+    """Hold an exclusive lock on a round folder until `unlock_round` or the end of this process.
+
+    Two processes running the same round id would write the same shards; the second is refused at once. The lock
+    is released by the kernel when the holder dies, so a crashed round can be resumed right away.
+    """
+    round_path = Path(round_path)
+    key = str(round_path.resolve())
+    if key in _HELD_ROUNDS:
+        return
+    round_path.mkdir(parents=True, exist_ok=True)
+    handle = open(round_path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RoundBusyError(
+            f"round {round_path.name} is being run by {holder}; wait for it to finish or pick another round id"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _HELD_ROUNDS[key] = handle
+
+
+def unlock_round(round_path: Path) -> None:
+    handle = _HELD_ROUNDS.pop(str(Path(round_path).resolve()), None)
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def list_entries(home: Path) -> list[dict]:
     """Registry entries in registration order (empty when nothing was registered)."""
     path = _registry_path(home)

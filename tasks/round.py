@@ -26,7 +26,7 @@ def open_round(config: RoundConfig, home: str | None = None) -> StageContext:
     _BUNDLES[(config.model, tuple(config.adapters))] = bundle
     ctx = StageContext(round_id=round_id, home=str(home_path), model=config.model, adapters=tuple(config.adapters),
                        fingerprint=bundle.fingerprint, shard_rows=config.shard_rows)
-    ctx.round_path.mkdir(parents=True, exist_ok=True)
+    store.lock_round(ctx.round_path)  # held until close_round (or this process ends)
     previous = store.read_manifest(ctx.round_path) if (ctx.round_path / "manifest.json").is_file() else {}
     store.write_manifest(ctx.round_path, {
         **previous,
@@ -92,6 +92,7 @@ def close_round(ctx: StageContext, refs: dict[str, dict | None], trained: dict, 
         "decision": "promoted: no evaluation gate configured" if promote else "kept, not promoted",
         "created": manifest["finished"],
     })
+    store.unlock_round(ctx.round_path)
     create_markdown_artifact(key=artifact_key(ctx, "summary"),
                              markdown=summary_markdown(ctx.round_id, manifest, manifest["training"], sheet),
                              description=f"OSPO round {ctx.round_id}")

@@ -12,6 +12,7 @@ per-token image log-probs of all of them (logits at image positions only); `ospo
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +163,16 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device)
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """The newest complete checkpoint; a folder a crash left half-written (no trainer_state.json, which the
+    Trainer writes last) is removed so it is neither resumed from nor counted by checkpoint rotation."""
+    complete = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        else:
+            shutil.rmtree(path)
+    complete.sort(key=lambda p: int(p.name.split("-")[-1]))
+    return str(complete[-1]) if complete else None
 
 
 def train_ospo(
@@ -190,9 +199,13 @@ def train_ospo(
                           callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to the history table, not to stdout
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
-    adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-    write_adapter_meta(adapter_dir, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
+    # Written beside its final name and renamed, so a crash never leaves a half-written adapter behind.
+    adapter_dir, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    write_adapter_meta(staging, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    staging.rename(adapter_dir)
     history = [
         {"step": int(entry["step"]), "metric": key, "value": float(value)}
         for entry in trainer.state.log_history
