@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -375,3 +376,40 @@ def latest_promoted(home: Path) -> dict | None:
     """The most recently registered promoted entry: the model the next round starts from (None: the base model)."""
     promoted = [e for e in list_entries(home) if e["promoted"]]
     return promoted[-1] if promoted else None
+
+
+def prune_rounds(home: Path, keep_last: int) -> list[str]:
+    """Delete the folders of old rounds, keeping the newest `keep_last`, every round in the lineage of a promoted
+    model (its adapter is merged into every later start model) and any round a process is running now.
+
+    Registry entries stay (marked `pruned`), so the history of decisions survives. Returns the pruned round ids.
+    """
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+    home = Path(home)
+    entries = list_entries(home)
+    needed = set()
+    for entry in entries:
+        if entry["promoted"]:
+            needed |= {str(Path(a).resolve()) for a in [*entry.get("adapters", []), entry.get("adapter") or ""] if a}
+    runs = home / "runs"
+    folders = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    pruned = []
+    for folder in folders[: max(len(folders) - keep_last, 0)]:
+        if any(a.startswith(str(folder.resolve()) + os.sep) for a in needed):
+            continue
+        try:
+            lock_round(folder)  # refuses a round that is running in another process
+        except RoundBusyError:
+            continue
+        unlock_round(folder)
+        shutil.rmtree(folder)
+        pruned.append(folder.name)
+    if pruned:
+        with _locked(_registry_path(home)):
+            entries = list_entries(home)
+            for entry in entries:
+                if entry["round_id"] in pruned:
+                    entry["pruned"] = True
+            write_json(_registry_path(home), {"entries": entries})
+    return pruned

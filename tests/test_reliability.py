@@ -161,3 +161,27 @@ def test_invalid_config_values_are_refused_with_the_field_name():
                                 (SelectConfig, "rule", "v9")):
         with pytest.raises(ValidationError, match=field):
             model(**{field: value})
+
+
+def test_retention_prunes_old_rounds_but_never_a_promoted_lineage(tmp_path):
+    for n in range(5):
+        adapter = tmp_path / "runs" / f"r{n}" / "train" / "adapter"
+        adapter.mkdir(parents=True)
+        os.utime(tmp_path / "runs" / f"r{n}", (n, n))  # r0 is the oldest
+        store.register(tmp_path, {"round_id": f"r{n}", "promoted": n == 1, "adapter": str(adapter),
+                                  "adapters": [str(tmp_path / "runs" / "r0" / "train" / "adapter")] if n == 1 else []})
+    pruned = store.prune_rounds(tmp_path, keep_last=2)
+    assert sorted(pruned) == ["r2"]  # r0 and r1 form the promoted lineage; r3, r4 are the newest two
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r0", "r1", "r3", "r4"]
+    assert [e.get("pruned", False) for e in store.list_entries(tmp_path)] == [False, False, True, False, False]
+
+
+def test_no_code_unpickles_or_trusts_remote_code():
+    sources = [p for d in ("ospo_core", "tasks", "flows") for p in (REPO / d).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "trust_remote_code=True" not in text, path
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
