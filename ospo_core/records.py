@@ -17,7 +17,8 @@ _STATUS = [
     pa.field("ok", pa.bool_(), nullable=False),
     pa.field("reason", pa.string()),  # null when ok
 ]
-# Where a text came from: "model" (parsed model output) or "fallback" (built from structured columns).
+# Where a text came from: "model" (parsed model output), "fallback" (built from structured columns) or "testbed"
+# (written by the shapes world's grammar, ospo_core.testbed).
 _SOURCE = pa.field("source", pa.string())
 
 ATTRIBUTE = pa.struct([("object", pa.string()), ("attribute", pa.string())])
@@ -154,6 +155,22 @@ MASKS = pa.schema(
     + _STATUS
 )
 
+# The questions a held-out prompt is judged by: from the benchmark's metadata ("metadata"), or written by the model
+# through the questions stage ("model" / "fallback").
+EVAL_QUESTIONS = pa.schema(
+    [
+        pa.field("prompt_set", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("prompt", pa.string()),
+        pa.field("questions", pa.list_(pa.string())),
+        pa.field("raw_output", pa.string()),
+        _SOURCE,
+    ]
+    + _STATUS
+)
+
 EVAL = pa.schema(
     [
         pa.field("prompt_set", pa.string()),
@@ -165,6 +182,7 @@ EVAL = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("image", IMAGE_STRUCT),
         pa.field("questions", pa.list_(pa.string())),
+        _SOURCE,  # where the questions came from (metadata | model | fallback)
         pa.field("p_yes", pa.list_(pa.float64())),
         pa.field("p_no", pa.list_(pa.float64())),
         pa.field("score", pa.float64()),  # local score = mean(p_yes - p_no)
@@ -181,6 +199,23 @@ TRAIN_HISTORY = pa.schema(
     ]
 )
 
+# One scene the model drew for a held-out caption of the shapes-world testbed, checked exactly against the caption
+# (ospo_core.testbed.evaluate). Objects are counted per kind: `found` = sum over the caption's groups of
+# min(drawn of that kind, asked), so drawn - found objects were not asked for (hallucinated).
+TESTBED_EVAL = pa.schema(
+    [
+        pa.field("category", pa.string()),  # the world's prompt sub-category key (color1, 2D_spatial, ...)
+        pa.field("prompt", pa.string()),
+        pa.field("k", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("image_tokens", TOKENS),
+        pa.field("exact", pa.bool_()),  # the grid is exactly a scene of the caption
+        pa.field("asked", pa.int32()),  # objects the caption names
+        pa.field("found", pa.int32()),  # of those, drawn
+        pa.field("drawn", pa.int32()),  # objects in the grid
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "negatives": NEGATIVES,
@@ -190,8 +225,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "vqa": VQA,
     "pairs": PAIRS,
     "masks": MASKS,
+    "eval_questions": EVAL_QUESTIONS,
     "eval": EVAL,
     "train_history": TRAIN_HISTORY,
+    "testbed_eval": TESTBED_EVAL,
 }
 
 

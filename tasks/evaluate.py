@@ -1,0 +1,185 @@
+"""Prefect tasks of a held-out evaluation and of the promotion gate: resolve the model, ask the questions, draw and
+judge the images, report the metrics, decide the promotion. Each body calls one ospo_core function.
+
+An evaluation writes its tables through `run_stage` (atomic shards, resume, cache keys that distrust a missing or
+changed table) into its own folder:
+
+    runs/<round>/eval/<set>/eval_questions/       questions, written by the model the round STARTED from
+    runs/<round>/eval/<set>/{start,trained}/eval/ images + self-VQA of the start model / the trained model
+    <home>/evals/<model id>/<set>/{eval_questions,eval}/   a model outside the rounds
+
+A round's start model and trained model are judged on one question sheet that the trained model had no hand in, so
+their difference is the model's alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
+
+from ospo_core import evaluate, store, templates
+from ospo_core.config import EvalConfig, GateConfig, QuestionsConfig
+from ospo_core.janus.load import load_janus
+from ospo_core.report import metrics_plot
+from ospo_core.stages import questions as questions_stage
+from tasks.common import _BUNDLES, StageContext, StageSpec, bundle_for, cache_key_for, read_ref, run_stage
+from tasks.stages import STAGE_TASK, Progress, artifact_key, report
+
+
+class EvalContext(StageContext):
+    """A model under evaluation and the folder its evaluation tables go to. `round_id` names the round (or the
+    model outside the rounds) in artifact keys; `which` is "start", "trained" or "model"."""
+
+    folder: str
+    label: str  # what is evaluated, in words
+    prompt_set: str
+    which: str
+
+    @property
+    def round_path(self) -> Path:
+        return Path(self.folder)
+
+
+@task(name="open-eval")
+def open_eval(cfg: EvalConfig, home: str | None, round_id: str | None, model: str | None,
+              start_model: bool) -> tuple[EvalContext, EvalContext, dict]:
+    """(the evaluated model, the model that writes the questions, the prompt-set reference that keys the cache).
+
+    A round's models come from its manifest: its start model, or the start model plus the round's adapter. A model
+    outside the rounds is loaded here for its fingerprint and writes its own questions."""
+    home_path = Path(home) if home else store.ospo_home()
+    if (round_id is None) == (model is None):
+        raise ValueError("evaluate either a round (round_id) or a model (model: 'tiny' or a checkpoint folder), "
+                         "not both and not neither")
+    name = evaluate.prompt_set_name(cfg.prompt_set)
+    prompts = evaluate.load_prompt_set(cfg.prompt_set, cfg.limit)
+    ref = {"prompt_set": name, "spec": cfg.prompt_set, "limit": cfg.limit, "rows": len(prompts),
+           "hash": evaluate.prompts_hash(prompts)}
+    common = dict(home=str(home_path), shard_rows=cfg.shard_rows, prompt_set=name)
+    if round_id is not None:
+        path = store.round_dir(home_path, round_id)
+        manifest = store.read_manifest(path)
+        start = manifest["model"]
+        writer = EvalContext(round_id=round_id, model=start["source"], adapters=tuple(start["adapters"]),
+                             fingerprint=start["fingerprint"], label=f"start model of round {round_id}",
+                             folder=str(path / "eval" / name), which="start", **common)
+        if start_model:
+            evaluated = writer.model_copy(update={
+                "folder": str(evaluate.round_eval_dir(home_path, round_id, name, "start"))})
+        elif manifest.get("status") != "finished" or not manifest.get("adapter"):
+            raise ValueError(f"round {round_id} has not finished training (status {manifest.get('status')!r}); "
+                             f"finish it (`ospo run --round {round_id}`) or evaluate its start model")
+        else:
+            evaluated = writer.model_copy(update={
+                "adapters": (*writer.adapters, manifest["adapter"]), "fingerprint": manifest["fingerprint_after"],
+                "label": f"round {round_id} (trained)", "which": "trained",
+                "folder": str(evaluate.round_eval_dir(home_path, round_id, name, "trained"))})
+    else:
+        bundle = load_janus(model)
+        _BUNDLES.clear()
+        _BUNDLES[(model, ())] = bundle
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name).strip("-._") or "model"
+        eval_id = f"{slug[:60]}-{bundle.fingerprint[:12]}"
+        evaluated = writer = EvalContext(round_id=eval_id, model=model, fingerprint=bundle.fingerprint, label=model,
+                                         folder=str(evaluate.model_eval_dir(home_path, eval_id, name)),
+                                         which="model", **common)
+    get_run_logger().info("evaluating %s on %s (%d prompts) in %s", evaluated.label, name, len(prompts),
+                          evaluated.folder)
+    return evaluated, writer, ref
+
+
+EVAL_QUESTIONS = StageSpec("eval_questions", ("prompts",), (evaluate, questions_stage, templates))
+
+
+@task(name="eval-questions", cache_key_fn=cache_key_for(EVAL_QUESTIONS), **STAGE_TASK)
+def eval_questions(ctx: EvalContext, cfg: QuestionsConfig, prompts: dict) -> dict:
+    def ask(c: QuestionsConfig, _):
+        items = evaluate.load_prompt_set(prompts["spec"], prompts["limit"])
+        needs_model = not all(p.has_metadata for p in items)
+        return evaluate.eval_questions(items, bundle_for(ctx) if needs_model else None, c)
+
+    with concurrency("gpu", strict=False):
+        ref = run_stage(EVAL_QUESTIONS, ctx, cfg, ask, {"prompts": prompts})
+    report(ctx, f"eval-{ctx.prompt_set}-questions", ref, prompts["rows"])
+    return ref
+
+
+EVAL = StageSpec("eval", ("questions",), (evaluate,))
+
+
+@task(name="self-vqa-eval", cache_key_fn=cache_key_for(EVAL), **STAGE_TASK)
+def self_vqa_eval(ctx: EvalContext, cfg: EvalConfig, questions: dict) -> dict:
+    progress = Progress(ctx, f"eval-{ctx.prompt_set}-{ctx.which}", "prompt shards drawn and judged")
+    with concurrency("gpu", strict=False):
+        ref = run_stage(EVAL, ctx, cfg, lambda c, rows: evaluate.evaluate(rows, bundle_for(ctx), c),
+                        {"questions": questions}, shard_input="questions", progress=progress)
+    report(ctx, f"eval-{ctx.prompt_set}-{ctx.which}", ref, questions["rows"] * cfg.images_per_prompt)
+    return ref
+
+
+@task(name="eval-report")
+def eval_report(ctx: EvalContext, table: dict) -> dict:
+    """metrics.json beside the table, a summary table artifact, the metrics-across-rounds plot (PNG beside the
+    table) and a markdown artifact that links it."""
+    metrics = evaluate.eval_metrics(read_ref(table))
+    folder = Path(ctx.folder)
+    store.write_json(folder / "metrics.json", metrics.model_dump(mode="json"))
+    prompt_set = ctx.prompt_set
+    key = artifact_key(ctx, f"eval-{prompt_set}-{ctx.which}-metrics")
+    rows = [{"category": name, "images": c.images, "scored": c.scored, "mean_score": c.mean_score,
+             "all_yes": c.all_yes} for name, c in metrics.categories.items()]
+    rows.append({"category": "overall (mean over categories)", "images": metrics.images, "scored": metrics.scored,
+                 **metrics.overall})
+    rows += [{"category": f"tag {tag}: pass rate", "scored": t.scored, "all_yes": t.pass_rate}
+             for tag, t in metrics.tags.items()]
+    create_table_artifact(key=key, table=rows, description=f"{ctx.label} on {prompt_set}. {evaluate.JUDGE_NOTE}")
+
+    points = evaluate.rounds_history(Path(ctx.home), prompt_set)
+    if ctx.which == "model":  # rounds are in the history already (their metrics.json is read back)
+        points.append(evaluate.HistoryPoint(ctx.label, metrics, None))
+    plot = folder / "metrics_across_rounds.png"
+    image = metrics_plot([p.label for p in points], evaluate.history_panels(points), [p.promoted for p in points],
+                         title=f"{prompt_set}: self-judged metrics across rounds",
+                         note=f"{evaluate.JUDGE_NOTE} Overall markers: filled = promoted, hollow = kept but not "
+                              f"promoted, square = a start model or a model outside the rounds.")
+    tmp = plot.with_name(f".{plot.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(plot)
+    create_markdown_artifact(key=f"{key}-plot", description=f"metrics across rounds on {prompt_set}", markdown="\n".join([
+        f"# {ctx.label} on `{prompt_set}`", "", f"**{evaluate.JUDGE_NOTE}**", "",
+        "```", evaluate.metrics_text(metrics), "```", "",
+        f"Metrics across rounds (filled: promoted, hollow: kept but not promoted): [{plot.name}]({plot.as_uri()})",
+        f"", f"Eval table: `{table['path']}`"]))
+    get_run_logger().info("%s\n%s", ctx.label, evaluate.metrics_text(metrics))
+    return {"metrics": metrics.model_dump(mode="json"), "plot": str(plot), "folder": str(folder)}
+
+
+@task(name="promotion-gate")
+def promotion_gate(home: str | None, round_id: str, cfg: GateConfig, before: dict, after: dict) -> dict:
+    """Decide with `evaluate.gate_decision` and record the decision, its reason and both evaluations in the
+    round's registry entry (replaced in place)."""
+    home_path = Path(home) if home else store.ospo_home()
+    decision = evaluate.gate_decision(evaluate.EvalMetrics.model_validate(before["metrics"]),
+                                      evaluate.EvalMetrics.model_validate(after["metrics"]), cfg)
+    entry = next((e for e in store.list_entries(home_path) if e["round_id"] == round_id), None)
+    if entry is None:
+        raise ValueError(f"round {round_id} is not in the registry of {home_path}; register it (close the round) "
+                         f"before its promotion is decided")
+    entry = {**entry, "promoted": decision.promote, "decision": decision.reason,
+             "gate": {**decision.to_dict(), "config": cfg.model_dump(mode="json")},
+             "metrics": {**entry.get("metrics", {}),
+                         "eval": {"prompt_set": before["metrics"]["prompt_set"], "judge": evaluate.JUDGE_NOTE,
+                                  "start": before["metrics"], "trained": after["metrics"]}}}
+    store.register(home_path, entry)
+    deltas = "\n".join(f"| {name} | {'-' if d is None else f'{d:+.4f}'} |" for name, d in decision.deltas.items())
+    create_markdown_artifact(
+        key=re.sub(r"[^a-z0-9]+", "-", f"{round_id}-promotion".lower()).strip("-"),
+        description=f"promotion gate of round {round_id}",
+        markdown=f"# Round `{round_id}`: {'promoted' if decision.promote else 'not promoted'}\n\n{decision.reason}"
+                 f"\n\n| category | change in {decision.metric} |\n|---|---|\n{deltas}\n\n{evaluate.JUDGE_NOTE}")
+    get_run_logger().info("round %s: %s", round_id, decision.reason)
+    return entry
