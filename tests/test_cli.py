@@ -1,0 +1,92 @@
+"""The `ospo` command: bad input fails at once and writes nothing; a killed `ospo run` resumes where it stopped."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from ospo_core import store
+from ospo_core.cli import main
+from ospo_core.config import DEMO_OVERRIDES
+from ospo_core.records import IMAGES
+from tasks.common import MARKER
+from test_flow import small_config
+
+
+def test_a_missing_model_folder_fails_at_once_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--model", "/does/not/exist", "--home", str(tmp_path / "home")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: model folder /does/not/exist does not exist") and "--model tiny" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("render.cfg_weight=-1", "render.cfg_weight: Input should be greater than or equal to 0"),
+    ("train.max_stepz=20", "train.max_stepz: Extra inputs are not permitted"),
+    ("train.max_steps", "expected key=value, e.g. --set train.max_steps=20"),
+    ("select.rule=v9", "select.rule: Input should be 'v2', 'v1' or 'v3'"),
+    ("round_id=../../etc", "round_id: String should match pattern"),
+])
+def test_a_bad_set_fails_at_once_naming_the_setting_and_writes_nothing(tmp_path, monkeypatch, capsys, setting,
+                                                                       message):
+    monkeypatch.chdir(tmp_path)
+    preset = copy.deepcopy(DEMO_OVERRIDES)
+    assert main(["run", "--home", str(tmp_path / "home"), "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert DEMO_OVERRIDES == preset  # the settings went into a copy of the preset, not into the preset
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_rendering_resumes_without_redoing_finished_shards(prefect, tmp_path):
+    """SIGKILL `ospo run` once the first image shard is on disk, then run the same round again: the shards that were
+    finished are kept as they are (same mtime), the rest are drawn, and no image appears twice."""
+    from prefect.settings import PREFECT_API_URL
+
+    # both runs report to the session's test server and share one result store, as two runs on one machine would
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    config = small_config(shard_rows=4)  # four dense rows per shard: rendering takes several shards
+    settings = tmp_path / "round.json"
+    settings.write_text(json.dumps(config.model_dump(mode="json", exclude={"round_id", "model"})))
+    home = tmp_path / "home"
+    command = [sys.executable, "-m", "ospo_core.cli", "run", "--home", str(home), "--config", str(settings),
+               "--round", "killed"]
+    images = home / "runs" / "killed" / "images"
+
+    with open(tmp_path / "first.out", "wb") as out:
+        first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (images / "part-00000.parquet").exists():
+            assert first.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+            assert time.monotonic() < deadline, "rendering never started"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    assert not (images / MARKER).exists(), "the kill came after rendering had finished"
+    finished = {p.name: p.stat().st_mtime_ns for p in images.glob("part-*.parquet")}
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "round killed finished" in second.stdout and "adapter:" in second.stdout  # the summary
+
+    shards = {p.name: p.stat().st_mtime_ns for p in images.glob("part-*.parquet")}
+    assert len(shards) > len(finished) >= 1
+    assert {name: shards[name] for name in finished} == finished
+    table = store.read_table(images, IMAGES, name="images")
+    keys = pc.binary_join_element_wise(table["item_id"], table["side"], pc.cast(table["k"], "string"), "/")
+    assert len(pc.unique(keys)) == table.num_rows
+    manifest = json.loads((home / "runs" / "killed" / "manifest.json").read_text())
+    assert table.num_rows == manifest["tables"]["images"]["rows"] == 2 * manifest["tables"]["dense"]["counts"]["ok"]
+
