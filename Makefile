@@ -16,7 +16,7 @@ $(BIN)/ospo: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, from the local CPU wheel; a plain `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ray]"
 	touch $(BIN)/ospo
 
 venv: $(BIN)/ospo

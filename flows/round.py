@@ -6,7 +6,8 @@ pairs and the rejected prompt, and trains a LoRA adapter with SimPO + conditiona
 
 Supports: the built-in tiny model (demo, tests) or a local transformers-format Janus-Pro checkpoint, plus the
 adapters of earlier rounds. Every stage writes a Parquet table under `OSPO_HOME/runs/<round_id>/` and is cached by
-(config, input hashes, model fingerprint, code): re-running a round id resumes it.
+(config, input hashes, model fingerprint, code): re-running a round id resumes it. `config.execution` spreads the
+model stages over a Ray cluster and training over several processes, with the same tables (deployments/ray.md).
 
 Run it:
     ospo run --model tiny                          # in-process, prints a summary

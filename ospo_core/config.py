@@ -18,6 +18,8 @@ class StageConfig(BaseModel):
 
 
 Fallback = Literal["none", "structured"]
+# Who writes a text stage's output: the model (the paper) or the shapes-world testbed's grammar (ospo_core.testbed).
+TextSource = Literal["model", "testbed"]
 
 
 class SelectConfig(StageConfig):
@@ -173,6 +175,12 @@ class PromptsConfig(StageConfig):
         description="none (paper-faithful): a sub-category that misses its quota stays short. structured: fill the "
         "shortfall from a built-in grammar and vocabulary, marked source='fallback' (for weak or tiny models).",
     )
+    source: TextSource = Field(
+        "model",
+        description="model (the paper): the model writes its prompts. testbed: the shapes world's grammar draws "
+        "them from its training captions (ospo_core.testbed; only the world's sub-categories, see "
+        "TESTBED_SUB_CATEGORIES), marked source='testbed', no model call.",
+    )
 
     def quota_for(self, key: str) -> int:
         """Accepted prompts wanted from run `key`; 0 when the run is not in sub_categories."""
@@ -197,6 +205,12 @@ class _TextSamplingConfig(StageConfig):
         "none",
         description="none (paper-faithful): a row the model fails stays failed (ok=False, with a reason). "
         "structured: build the missing text from the structured columns instead, marked source='fallback'.",
+    )
+    source: TextSource = Field(
+        "model",
+        description="model (the paper): the model writes the text. testbed: the shapes world writes it exactly from "
+        "each caption's structure (ospo_core.testbed.text), marked source='testbed', no model call; for rounds on "
+        "the testbed, whose model only draws.",
     )
 
 
@@ -244,6 +258,12 @@ class RenderConfig(StageConfig):
                       "shared by its base and negative sides so the pair differs only by the prompt.")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance). "
                             "Larger = faster on a GPU until memory runs out.")
+    decoder: Literal["vq", "testbed"] = Field(
+        "vq",
+        description="What turns the sampled image tokens into the stored PNG. vq (the paper): the model's VQ decoder. "
+        "testbed: the shapes world draws the token grid (ospo_core.testbed.render); for testbed checkpoints, whose "
+        "tokens are scene cells and whose VQ decoder is untrained. Training and the oracle use the tokens either way.",
+    )
 
 
 class VQAConfig(StageConfig):
@@ -251,6 +271,11 @@ class VQAConfig(StageConfig):
 
     batch_size: int = Field(8, ge=1, le=1024, description="Images per scoring batch; each image's prefix is "
                             "computed once and shared by its questions.")
+    judge: Literal["self", "oracle"] = Field(
+        "self",
+        description="self (the paper): the model answers from the PNG. oracle: the shapes-world testbed reads the "
+        "image tokens and answers exactly (p = 1/0); only for testbed checkpoints, whose image tokens are scene cells.",
+    )
 
 
 class MasksConfig(StageConfig):
@@ -291,6 +316,9 @@ class RoundConfig(StageConfig):
     select: SelectConfig = Field(default_factory=SelectConfig, description="Stage 3c/3d: pair selection.")
     masks: MasksConfig = Field(default_factory=MasksConfig, description="v3 option: object masks.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 4: preference optimization.")
+    # ExecutionConfig is defined below (appended with the scale-out work): the lambda looks it up when called.
+    execution: ExecutionConfig = Field(default_factory=lambda: ExecutionConfig(), description="Where the model "
+                                       "stages run (this process or a Ray cluster) and how many processes train.")
 
 
 # A round that finishes in a few minutes on 2 CPU cores with the tiny model: a few prompts per sub-category,
@@ -305,7 +333,23 @@ DEMO_OVERRIDES: dict = {
               "save_steps": 4, "logging_steps": 1, "gradient_checkpointing": False},
     "shard_rows": 16,
 }
-PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES}
+# The prompt sub-categories the shapes-world testbed has captions for (ospo_core.testbed.world).
+TESTBED_SUB_CATEGORIES = ("color1", "color2", "2D_spatial", "numeracy1", "numeracy2", "complex")
+# A round on the shapes-world testbed (`model` = a checkpoint made by `ospo testbed`): the world writes the text,
+# the oracle judges the drawn grids, the model draws and trains. Seconds per round on 2 CPU cores.
+TESTBED_OVERRIDES: dict = {
+    "prompts": {"source": "testbed", "sub_categories": list(TESTBED_SUB_CATEGORIES),
+                "quotas": dict.fromkeys(TESTBED_SUB_CATEGORIES, 8)},
+    "perturb": {"source": "testbed"},
+    "densify": {"source": "testbed"},
+    "questions": {"source": "testbed"},
+    "vqa": {"judge": "oracle"},
+    "render": {"batch_size": 64, "decoder": "testbed"},
+    "train": {"max_steps": 40, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+              "lora_r": 16, "lora_alpha": 32, "save_steps": 40, "logging_steps": 5, "gradient_checkpointing": False},
+    "shard_rows": 4096,
+}
+PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES}
 
 
 def deep_update(base: dict, overrides: dict) -> dict:
@@ -314,6 +358,69 @@ def deep_update(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+class EvalConfig(StageConfig):
+    """Held-out evaluation: images for a benchmark's prompts, judged by the model's own yes/no answers (self-VQA).
+
+    The judge is the evaluated model itself, not GenEval's detector nor T2I-CompBench's scorers: the numbers track a
+    model across rounds and are not comparable with published benchmark scores.
+    """
+
+    prompt_set: str = Field(
+        "geneval",
+        min_length=1,
+        description="'t2i-compbench' (8 categories of validation prompts), 'geneval' (553 prompts with object, count, "
+        "colour and position metadata, judged per tag) or the path of a file: one prompt per line, or JSONL with a "
+        "'prompt' field and optional 'category', 'tag' and GenEval-style 'include'/'exclude'.",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="First N prompts of each category (file order); None = all. Fewer prompts = a faster "
+        "but noisier evaluation, so a promotion gate needs a larger threshold."
+    )
+    images_per_prompt: int = Field(
+        4, ge=1, le=64, description="Images drawn per prompt (GenEval draws 4). More = a steadier metric, "
+        "proportionally more sampling time."
+    )
+    seed: int = Field(
+        0, description="Base seed; image k of a prompt is drawn with seed row_seed(seed, prompt_id, k), so every "
+        "model is evaluated on the same prompts with the same noise and two evaluations differ only by the model."
+    )
+    cfg_weight: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance weight of the evaluation "
+                              "images (paper: 5). Higher = closer to the prompt, less diverse.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature of image tokens (paper: 1).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance) "
+                            "and images per self-VQA batch. Larger = faster on a GPU until memory runs out; a CUDA "
+                            "out-of-memory halves it and goes on.")
+    questions: QuestionsConfig = Field(
+        default_factory=QuestionsConfig,
+        description="How prompts without metadata get their decompositional questions (the stage-3a questions "
+        "stage); fallback='structured' reads objects, attributes, counts and relations from the prompt text with "
+        "the built-in and GenEval vocabularies when the model's answer does not parse (weak or tiny models). "
+        "GenEval metadata is turned into questions directly, without the model.",
+    )
+    shard_rows: int = Field(64, ge=1, le=100_000, description="Prompts per Parquet shard of the eval table: the "
+                            "unit of resume after a crash.")
+
+
+class GateConfig(StageConfig):
+    """Promotion gate of the self-improvement loop: a round is promoted (the next round starts from it) only when
+    its held-out evaluation improved on the model it started from and no category got much worse."""
+
+    metric: Literal["mean_score", "all_yes"] = Field(
+        "mean_score",
+        description="mean_score: mean over categories of the mean local score (p_yes - p_no averaged over an "
+        "image's questions); smooth, so it moves with few prompts. all_yes: mean over categories of the fraction of "
+        "images whose every answer is yes (GenEval's pass rate under the self-judge); coarse, needs more prompts.",
+    )
+    min_improvement: float = Field(
+        0.01, ge=-2, le=2, description="Promote only if the metric rises by at least this (after - before). Higher "
+        "= fewer promotions of noise, but a real small gain can be refused; 0 = promote when not worse."
+    )
+    max_category_drop: float = Field(
+        0.05, ge=0, le=2, description="Refuse promotion when any category's metric falls by more than this, even if "
+        "the overall metric rises. Lower = safer against trading one skill for another, more refusals."
+    )
 
 
 class SelfImproveConfig(StageConfig):
@@ -325,3 +432,110 @@ class SelfImproveConfig(StageConfig):
                               description="Round ids are <prefix>-<date>-<time>-<n>.")
     round: RoundConfig = Field(default_factory=RoundConfig, description="Settings of every round; its model and "
                                "adapters are where the lineage starts when nothing has been promoted yet.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation of each round: its start "
+                             "model and its trained model on the same prompts, seeds and questions.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="When a round is promoted; a round that is not "
+                             "is kept (folder, adapter, registry entry) and the next round starts from the last "
+                             "promoted model.")
+
+
+class PretrainConfig(StageConfig):
+    """The testbed's start model: plain supervised next-token training on (caption -> scene grid) pairs."""
+
+    steps: int = Field(600, ge=1, le=100_000, description="Optimizer steps. More = a better start model and less "
+                       "room for rounds to improve it; the default stops at a middling held-out accuracy.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Captions per step (categories drawn uniformly), each "
+                            "with a fresh random scene.")
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="AdamW peak learning rate, cosine-decayed to a tenth.")
+    unconditional_prob: float = Field(0.1, ge=0, lt=1, description="Fraction of rows whose caption is blanked (the "
+                                      "sampler's unconditional twin), so classifier-free guidance has an "
+                                      "unconditional model to push away from; Janus trains with 10%.")
+    seed: int = Field(0, description="Seed of the initial weights, the captions and the scenes.")
+    hidden_size: int = Field(128, ge=16, le=4096, description="Width of the language model. Wider and deeper = "
+                             "learns to count and relate objects in fewer steps, but every step, round and sample "
+                             "costs more.")
+    num_layers: int = Field(4, ge=1, le=64, description="Layers of the language model (see hidden_size).")
+
+
+# The ablation's training settings, each a TrainConfig override of the testbed round (same steps, data and seeds).
+TESTBED_SETTINGS: dict[str, dict] = {
+    "sft": {"simpo_weight": 0.0, "copo_weight": 0.0},  # 1. SFT on the chosen images only
+    "simpo": {"copo_weight": 0.0, "sft_weight": 0.0},  # 2. SimPO only
+    "simpo+sft": {"copo_weight": 0.0},  # 3. SimPO + SFT
+    "ospo": {},  # 4. SimPO + conditional preference + SFT: the v2 default
+    "ospo+objw": {"object_weighting": True},  # 5. v2 with object weighting (attention masks stage)
+    "dpo": {"loss": "dpo"},  # 6. v2 with the pair term as DPO against the round's start model
+}
+
+
+class TestbedConfig(StageConfig):
+    """`ospo testbed`: the ablation table on the shapes world. Every setting starts from the same pre-trained
+    checkpoint, sees the same round-1 data and trains the same number of steps; rounds chain per setting."""
+
+    rounds: int = Field(2, ge=1, le=20, description="Rounds per setting; round n+1 draws its data with the model "
+                        "of round n. More rounds = more self-improvement, proportionally more time.")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Repeats of the whole table; each seed changes the "
+                             "rounds' prompts, images, training order and evaluation noise (not the checkpoint).")
+    settings: list[str] = Field(list(TESTBED_SETTINGS), min_length=1, description="Which training settings to "
+                                f"compare, from {list(TESTBED_SETTINGS)}.")
+    eval_samples: int = Field(64, ge=1, le=10_000, description="Scenes drawn per category at each evaluation, over "
+                              "the held-out captions. More = a steadier metric (standard error ~ 0.5/sqrt(n)).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The start model.")
+    round: RoundConfig = Field(default_factory=lambda: RoundConfig.model_validate(TESTBED_OVERRIDES),
+                               description="Settings of every round (the 'testbed' preset); its model is replaced "
+                               "by the pre-trained checkpoint and its train section by each setting's override.")
+
+    @field_validator("settings")
+    @classmethod
+    def _known_settings(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in TESTBED_SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown testbed setting(s) {unknown}; choose from {list(TESTBED_SETTINGS)}")
+        return value
+
+
+# Evaluation settings for the tiny model: one image per prompt, short question budgets and the structured question
+# fallback (its text is nonsense, so its own questions never parse).
+EVAL_DEMO_OVERRIDES: dict = {
+    "images_per_prompt": 1,
+    "questions": {"max_new_tokens": 24, "fallback": "structured"},
+}
+EVAL_PRESETS: dict[str, dict] = {"paper": {}, "demo": EVAL_DEMO_OVERRIDES}
+
+
+class ExecutionConfig(StageConfig):
+    """Where a round's model work runs: in this process or sharded over a Ray cluster, and how many processes train.
+
+    Execution never changes a table: rows are seeded per item and a shard holds the same rows whichever worker
+    computes it, so a round started in one mode resumes in the other. Training is the exception that the cache key
+    records: more processes mean a larger global batch (batch_size x gradient_accumulation_steps x num_processes).
+    """
+
+    execution: Literal["local", "ray"] = Field(
+        "local",
+        description="local: every stage runs in the flow's process, one model in memory. ray: the rendering, self-VQA "
+        "and text stages (negatives, dense, questions) are split into shards that model replicas on a Ray cluster "
+        "compute in parallel (needs `pip install .[ray]`); the other stages stay in the flow's process.",
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join ('auto', 'HOST:6379', or 'ray://HOST:10001' from outside the cluster); "
+        "None = start a single-machine cluster inside the flow's process (for one machine, and for tests).",
+    )
+    workers_per_node: int = Field(
+        1, ge=1, le=256, description="Model replicas on each node that can hold one (one per GPU is usual). More = "
+        "more shards at once, each holding a full copy of the model in (GPU) memory."
+    )
+    gpus_per_worker: float | None = Field(
+        None, ge=0, le=16, description="GPUs reserved by each replica; None = 1 where the cluster has GPUs, else 0 "
+        "(CPU workers, one core each). A fraction (0.5) packs two replicas on one GPU if the model fits twice."
+    )
+    num_processes: int = Field(
+        1, ge=1, le=1024, description="Data-parallel training processes (one per GPU; on CPU, gloo processes). 1 = "
+        "train in the flow's process; more = `accelerate launch`, and the global batch grows with them."
+    )
+    data_parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With num_processes > 1: ddp keeps a full model per GPU (fastest; LoRA on 1B and 7B fits "
+        "a large card). fsdp (FSDP2) shards the frozen base model across the processes too: for 7B on cards too "
+        "small for a full copy each, at the cost of gathering the weights every step."
+    )

@@ -11,11 +11,12 @@ when the table was finished and returns a fresh, unmatchable key when they diffe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from ospo_core import store
+from ospo_core.config import ExecutionConfig
 from ospo_core.records import SCHEMAS
 
 MARKER = "_stage.json"  # written last, when every shard of a table is finished
@@ -38,6 +40,7 @@ class StageContext(BaseModel):
     adapters: tuple[str, ...] = ()
     fingerprint: str
     shard_rows: int = 64
+    execution: ExecutionConfig = ExecutionConfig()  # how, not what: no table depends on it (see StageSpec)
 
     @property
     def round_path(self) -> Path:
@@ -81,7 +84,8 @@ def code_version(*objects: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_key(stage: str, code: str, ctx: StageContext, cfg: BaseModel | None, inputs: dict[str, dict | None]) -> str:
+def stage_key(stage: str, code: str, ctx: StageContext, cfg: BaseModel | None, inputs: dict[str, dict | None],
+              execution: tuple[str, ...] = ()) -> str:
     document = {
         "stage": stage,
         "code": code,
@@ -91,6 +95,8 @@ def stage_key(stage: str, code: str, ctx: StageContext, cfg: BaseModel | None, i
         "config": cfg.model_dump(mode="json") if cfg is not None else None,
         "inputs": {name: (ref or {}).get("hash") for name, ref in sorted(inputs.items())},
     }
+    if execution:
+        document["execution"] = {name: getattr(ctx.execution, name) for name in execution}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -139,15 +145,17 @@ def _forget_cached_result(context, key: str) -> None:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage as the task layer sees it: the table it writes, the tables it reads, the code it runs."""
+    """A stage as the task layer sees it: the table it writes, the tables it reads, the code it runs, and the
+    ExecutionConfig fields its result depends on (training: the process count sets the global batch)."""
 
     table: str
     inputs: tuple[str, ...]
     code: tuple[Any, ...]
+    execution: tuple[str, ...] = ()
 
     def key(self, ctx: StageContext, cfg, parameters: dict) -> str:
         return stage_key(self.table, code_version(*self.code), ctx, cfg,
-                         {name: parameters.get(name) for name in self.inputs})
+                         {name: parameters.get(name) for name in self.inputs}, self.execution)
 
 
 # ---------------------------------------------------------------- running a stage
@@ -173,23 +181,63 @@ def with_oom_backoff(run: Callable[[Any], pa.Table], cfg, log=print) -> pa.Table
             log(f"CUDA out of memory: retrying with batch_size={cfg.batch_size}")
 
 
+ShardMap = Callable[[list[tuple[int, Any]]], Iterator[tuple[int, pa.Table]]]
+
+
+@contextlib.contextmanager
+def shard_map(ctx: StageContext, stage: str, cfg, compute: Callable, log=print) -> Iterator[ShardMap]:
+    """A function that computes `compute(cfg, rows)` for each (shard, rows) and yields (shard, table) as each is done.
+
+    local: in order, in this process, with the OOM back-off. ray: on model replicas of a Ray cluster, in completion
+    order (tasks/scaleout.py; Ray is imported only here, so the base install never needs it).
+    """
+    if ctx.execution.execution == "ray":
+        try:
+            from tasks.scaleout import ray_shard_map
+        except ImportError as error:
+            raise RuntimeError(
+                f"execution: ray needs Ray and prefect-ray, which are not installed ({error}); install the extra with "
+                "`pip install 'ospo[ray]'` (or `pip install -e '.[ray]'` in a checkout), or set execution: local"
+            ) from error
+        with ray_shard_map(ctx, stage, cfg, compute, log) as run:
+            yield run
+    else:
+        yield lambda parts: ((shard, with_oom_backoff(lambda c: compute(c, rows), cfg, log)) for shard, rows in parts)
+
+
+def row_pieces(tables: dict[str, pa.Table], rows: int) -> list[dict[str, pa.Table]]:
+    """The inputs cut into pieces of `rows` rows, input by input in order; a piece holds rows of one input and none
+    of the others. For a stage whose output rows follow its input rows (input after input), the outputs of the
+    pieces, concatenated in order, are the output of the whole."""
+    empty = {name: table.slice(0, 0) for name, table in tables.items()}
+    pieces = [{**empty, name: table.slice(start, rows)}
+              for name, table in tables.items() for start in range(0, table.num_rows, rows)]
+    return pieces or [empty]
+
+
 def run_stage(
     spec: StageSpec,
     ctx: StageContext,
     cfg,
-    compute: Callable[[Any, pa.Table | None], pa.Table],
+    compute: Callable[[Any, Any], pa.Table],
     refs: dict[str, dict | None],
     *,
     shard_input: str | None = None,
+    split: dict[str, pa.Table] | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_outputs: list[str] = (),
     log=print,
 ) -> dict:
     """Compute a stage's table and write it atomically; returns its manifest.
 
-    `compute(cfg, rows)` gets the config (its batch size possibly halved after an OOM) and, for a sharded stage,
-    the slice of the `shard_input` table it must process (None otherwise). A sharded stage skips the shards a
-    previous, interrupted run of the same key already finished; shards of another key are wiped first.
+    `compute(cfg, rows)` gets the config (its batch size possibly halved after an OOM) and the rows it must process:
+    - a sharded stage (`shard_input`): one slice of that table; each slice is one shard file, computed on a model
+      replica of the Ray cluster under `execution: ray`. Shards a previous, interrupted run of the same key finished
+      are skipped; shards of another key are wiped first.
+    - a splittable stage (`split`, its input tables by name): the whole of them here, or under `execution: ray`
+      pieces of them (`row_pieces`) spread over the replicas, their outputs concatenated in order: one file either
+      way, so the table is the same whichever way it was run.
+    - otherwise None.
     `extra_outputs` are files the stage writes besides its table; the cache is only trusted while they are intact.
     """
     key = spec.key(ctx, cfg, refs)
@@ -200,21 +248,33 @@ def run_stage(
         for stale in list(directory.glob("part-*.parquet")) + [directory / MARKER]:
             stale.unlink(missing_ok=True)
         store.write_json(started, key)
-    if shard_input is None:
-        table = with_oom_backoff(lambda c: compute(c, None), cfg, log)
-        store.write_table(table, directory, shard=0)
-    else:
+    if shard_input is not None:
         source = read_ref(refs[shard_input])
         n_shards = max(1, -(-source.num_rows // ctx.shard_rows))
         done = set(store.finished_shards(directory))
-        for shard in range(n_shards):
-            if shard not in done:
-                rows = source.slice(shard * ctx.shard_rows, ctx.shard_rows)
-                store.write_table(with_oom_backoff(lambda c: compute(c, rows), cfg, log), directory, shard=shard)
-            if progress:
-                progress(shard + 1, n_shards)
+        todo = [(shard, source.slice(shard * ctx.shard_rows, ctx.shard_rows))
+                for shard in range(n_shards) if shard not in done]
+        finished = n_shards - len(todo)
+        if progress:
+            progress(finished, n_shards)
+        if todo:
+            with shard_map(ctx, spec.table, cfg, compute, log) as run:
+                for shard, table in run(todo):
+                    store.write_table(table, directory, shard=shard)
+                    finished += 1
+                    if progress:
+                        progress(finished, n_shards)
         for extra in sorted(set(store.finished_shards(directory)) - set(range(n_shards))):
             store.shard_path(directory, extra).unlink()
+    else:
+        if split is None:
+            table = with_oom_backoff(lambda c: compute(c, None), cfg, log)
+        else:
+            pieces = row_pieces(split, ctx.shard_rows) if ctx.execution.execution == "ray" else [split]
+            with shard_map(ctx, spec.table, cfg, compute, log) as run:
+                outputs = dict(run(list(enumerate(pieces))))
+            table = pa.concat_tables([outputs[i] for i in range(len(pieces))])
+        store.write_table(table, directory, shard=0)
     table = store.read_table(directory, SCHEMAS[spec.table], name=spec.table)
     manifest = {"table": spec.table, "path": str(directory), "rows": table.num_rows,
                 "hash": store.content_hash(table), "key": key}

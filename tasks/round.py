@@ -25,7 +25,7 @@ def open_round(config: RoundConfig, home: str | None = None) -> StageContext:
     _BUNDLES.clear()
     _BUNDLES[(config.model, tuple(config.adapters))] = bundle
     ctx = StageContext(round_id=round_id, home=str(home_path), model=config.model, adapters=tuple(config.adapters),
-                       fingerprint=bundle.fingerprint, shard_rows=config.shard_rows)
+                       fingerprint=bundle.fingerprint, shard_rows=config.shard_rows, execution=config.execution)
     store.lock_round(ctx.round_path)  # held until close_round (or this process ends)
     previous = store.read_manifest(ctx.round_path) if (ctx.round_path / "manifest.json").is_file() else {}
     store.write_manifest(ctx.round_path, {

@@ -22,7 +22,12 @@ from ospo_core.stages import questions as questions_stage
 from ospo_core.stages import render as render_stage
 from ospo_core.stages import select as select_stage
 from ospo_core.stages import vqa as vqa_stage
+from ospo_core.testbed import oracle as testbed_oracle
+from ospo_core.testbed import render as testbed_render
+from ospo_core.testbed import text as testbed_text
+from ospo_core.testbed import world as testbed_world
 from ospo_core.train import data as train_data
+from ospo_core.train import launch as train_launch
 from ospo_core.train import loss as train_loss
 from ospo_core.train import trainer as trainer_mod
 from ospo_core.report import table_counts
@@ -92,7 +97,8 @@ def _rows(ref: dict | None) -> int | None:
 
 # ---------------------------------------------------------------- 1. initial prompt generation
 
-PROMPTS = StageSpec("prompts", (), (prompts_stage, templates))
+# The testbed modules are part of a text stage's code: with source=testbed the shapes world writes its table.
+PROMPTS = StageSpec("prompts", (), (prompts_stage, templates, testbed_text, testbed_world))
 
 
 @task(name="generate-prompts", cache_key_fn=cache_key_for(PROMPTS), **STAGE_TASK)
@@ -105,31 +111,33 @@ def generate_prompts(ctx: StageContext, cfg: PromptsConfig) -> dict:
 
 # ---------------------------------------------------------------- 2. hard preference pair generation
 
-NEGATIVES = StageSpec("negatives", ("prompts",), (perturb_stage, templates))
+NEGATIVES = StageSpec("negatives", ("prompts",), (perturb_stage, templates, testbed_text, testbed_world))
 
 
 @task(name="perturb", cache_key_fn=cache_key_for(NEGATIVES), **STAGE_TASK)
 def perturb(ctx: StageContext, cfg: PerturbConfig, prompts: dict) -> dict:
+    table = read_ref(prompts)
     with concurrency("gpu", strict=False):
         ref = run_stage(NEGATIVES, ctx, cfg,
-                        lambda c, _: perturb_stage.perturb(read_ref(prompts), bundle_for(ctx), c), {"prompts": prompts})
+                        lambda c, t: perturb_stage.perturb(t["prompts"], bundle_for(ctx), c, round_prompts=table),
+                        {"prompts": prompts}, split={"prompts": table})
     report(ctx, "negatives", ref, prompts["rows"])
     return ref
 
 
-DENSE = StageSpec("dense", ("negatives",), (densify_stage, templates))
+DENSE = StageSpec("dense", ("negatives",), (densify_stage, templates, testbed_text))
 
 
 @task(name="densify", cache_key_fn=cache_key_for(DENSE), **STAGE_TASK)
 def densify(ctx: StageContext, cfg: DensifyConfig, negatives: dict) -> dict:
     with concurrency("gpu", strict=False):
-        ref = run_stage(DENSE, ctx, cfg, lambda c, _: densify_stage.densify(read_ref(negatives), bundle_for(ctx), c),
-                        {"negatives": negatives})
+        ref = run_stage(DENSE, ctx, cfg, lambda c, t: densify_stage.densify(t["negatives"], bundle_for(ctx), c),
+                        {"negatives": negatives}, split={"negatives": read_ref(negatives)})
     report(ctx, "dense", ref, negatives["rows"])
     return ref
 
 
-IMAGES = StageSpec("images", ("dense",), (render_stage,))
+IMAGES = StageSpec("images", ("dense",), (render_stage, testbed_render))
 
 
 @task(name="render", cache_key_fn=cache_key_for(IMAGES), **STAGE_TASK)
@@ -144,22 +152,24 @@ def render(ctx: StageContext, cfg: RenderConfig, dense: dict) -> dict:
 
 # ---------------------------------------------------------------- 3. filtering and selection
 
-QUESTIONS = StageSpec("questions", ("prompts", "negatives"), (questions_stage, templates))
+QUESTIONS = StageSpec("questions", ("prompts", "negatives"), (questions_stage, templates, testbed_text, testbed_world))
 
 
 @task(name="questions", cache_key_fn=cache_key_for(QUESTIONS), **STAGE_TASK)
 def questions(ctx: StageContext, cfg: QuestionsConfig, prompts: dict, negatives: dict) -> dict:
+    tables = {"prompts": read_ref(prompts), "negatives": read_ref(negatives)}
     with concurrency("gpu", strict=False):
         ref = run_stage(
             QUESTIONS, ctx, cfg,
-            lambda c, _: questions_stage.generate_questions(read_ref(prompts), read_ref(negatives), bundle_for(ctx), c),
-            {"prompts": prompts, "negatives": negatives},
+            lambda c, t: questions_stage.generate_questions(t["prompts"], t["negatives"], bundle_for(ctx), c,
+                                                            round_prompts=tables["prompts"]),
+            {"prompts": prompts, "negatives": negatives}, split=tables,
         )
     report(ctx, "questions", ref, prompts["rows"] + negatives["rows"])
     return ref
 
 
-VQA = StageSpec("vqa", ("images", "questions"), (vqa_stage,))
+VQA = StageSpec("vqa", ("images", "questions"), (vqa_stage, testbed_oracle, testbed_world))
 
 
 @task(name="self-vqa", cache_key_fn=cache_key_for(VQA), **STAGE_TASK)
@@ -205,7 +215,9 @@ def object_masks(ctx: StageContext, cfg: MasksConfig, pairs: dict, prompts: dict
 
 # ---------------------------------------------------------------- 4. object-centric preference optimization
 
-TRAIN = StageSpec("train_history", ("pairs", "masks"), (trainer_mod, train_loss, train_data))
+# The number of training processes sets the global batch, so it is part of what training computed.
+TRAIN = StageSpec("train_history", ("pairs", "masks"), (trainer_mod, train_loss, train_data, train_launch),
+                  execution=("num_processes", "data_parallel"))
 
 
 @task(name="train", cache_key_fn=cache_key_for(TRAIN), **STAGE_TASK)
@@ -221,12 +233,21 @@ def train(ctx: StageContext, cfg: TrainConfig, pairs: dict, masks: dict | None =
             progress(state.global_step, state.max_steps)
 
     def fit(c: TrainConfig, _):
+        if ctx.execution.num_processes > 1:  # data parallel: the processes load their own models
+            job = train_launch.TrainJob(model=ctx.model, adapters=ctx.adapters, fingerprint=ctx.fingerprint,
+                                        pairs=pairs["path"], masks=masks["path"] if masks else None, train=c,
+                                        output_dir=str(out), data_parallel=ctx.execution.data_parallel)
+            return train_launch.train_data_parallel(job, ctx.execution.num_processes, progress)
         bundle = load_janus(ctx.model, adapters=ctx.adapters)  # its own copy: LoRA layers go into it
         result = trainer_mod.train_ospo(read_ref(pairs), bundle, c, out, masks=read_ref(masks) if masks else None,
                                         callbacks=[ReportSteps()])
         return to_table(result.history.to_pylist(), TRAIN_HISTORY)
 
     adapter = out / "adapter"
+    if ctx.execution.execution == "ray":
+        from tasks.scaleout import release
+
+        release()  # the model replicas of the generation stages give their GPUs back for training
     with concurrency("gpu", strict=False):
         ref = run_stage(TRAIN, ctx, cfg, fit, {"pairs": pairs, "masks": masks},
                         extra_outputs=[adapter / "adapter_model.safetensors", adapter / "adapter_config.json"])

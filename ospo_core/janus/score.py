@@ -125,11 +125,20 @@ def image_token_logps(
     prompt_ids: torch.Tensor,  # (B, T) left-padded gen-prompt ids, ending in <begin_of_image>
     prompt_mask: torch.Tensor,  # (B, T)
     image_tokens: torch.Tensor,  # (B, N)
+    *,
+    trunk: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """log p(y_t | x, y_<t) under the generation head for every image token, (B, N) fp32. Keeps the graph.
 
     The sequence is [text embeds of x] ++ [gen_aligner(gen_embed(y))]; position T-1 (<begin_of_image>) predicts y_1
     and the last image position is unused, so the head runs on exactly N positions.
+
+    `trunk`: in training, the model as the trainer wrapped it (PEFT, then DDP/FSDP). The language model then runs
+    through the wrapper's own forward, which is where DDP prepares the gradient all-reduce of the backward pass (a
+    call into a submodule would train every process on its own gradients) and FSDP gathers its shards. The full
+    model's forward gives the final-norm output of the language model as its last hidden state (transformers 5.24),
+    the input of the generation head. Without `trunk` (scoring) the language model is called directly, which keeps
+    no per-layer hidden states.
     """
     n = image_tokens.shape[1]
     text = model.get_input_embeddings()(prompt_ids)  # (B, T, D)
@@ -137,8 +146,12 @@ def image_token_logps(
     embeds = torch.cat([text, img.to(text.dtype)], dim=1)  # (B, T+N, D)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(image_tokens.shape)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                        use_cache=False).last_hidden_state
+    if trunk is None:
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                            use_cache=False).last_hidden_state  # (B, T+N, D)
+    else:
+        hidden = trunk(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T+N, D), after the norm
     t = prompt_ids.shape[1]
     logits = model.model.generation_head(hidden[:, t - 1 : t - 1 + n]).float()  # (B, N, V)
     return torch.log_softmax(logits, -1).gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)

@@ -26,14 +26,21 @@ from ospo_core.records import NEGATIVES, PROMPTS, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
 from ospo_core.templates import negative_chat, perturbations_for, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_word, parse_negative, word_pattern
+from ospo_core.testbed.text import testbed_negatives
 
 ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 Pools = dict[str, dict[str, dict[str, None]]]  # scope (sub_category or "*") -> kind -> ordered set of words
 
 
-def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig) -> pa.Table:
-    """PROMPTS (its ok rows) -> NEGATIVES, one row per (item, k)."""
+def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.Table | None = None) -> pa.Table:
+    """PROMPTS (its ok rows) -> NEGATIVES, one row per (item, k).
+
+    `round_prompts`: the round's whole prompts table when `prompts` is a slice of it (a stage spread over workers);
+    the structured fallback draws its words from the whole round, so a slice gives the rows the whole table would.
+    """
+    if cfg.source == "testbed":  # replace / swap / drop on the shapes-world caption's structure, no model call
+        return testbed_negatives(prompts, cfg)
     structured = cfg.fallback == "structured"
     columns = [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])]
     items = ok_input_rows(prompts, PROMPTS, columns, table_name="prompts", stage="perturb")
@@ -51,7 +58,9 @@ def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig) -> pa.Table:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
     )
-    pools = round_pools(items) if structured else {}
+    round_items = items if round_prompts is None else ok_input_rows(round_prompts, PROMPTS, columns,
+                                                                     table_name="prompts", stage="perturb")
+    pools = round_pools(round_items) if structured else {}
     rows = []
     for (item, k, method, seed), text in zip(jobs, outputs):
         row = {**{c: item[c] for c in ITEM_COLUMNS}, "k": k, "seed": seed, "perturbation": method,

@@ -21,13 +21,22 @@ from ospo_core.records import NEGATIVES, PROMPTS, QUESTIONS, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
 from ospo_core.templates import question_chat, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_value, number_word, parse_questions, word_pattern
+from ospo_core.testbed.text import testbed_questions
 
 ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 
 
-def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: QuestionsConfig) -> pa.Table:
-    """PROMPTS and NEGATIVES (their ok rows) -> QUESTIONS, one row per (item, side, k)."""
+def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: QuestionsConfig, *,
+                       round_prompts: pa.Table | None = None) -> pa.Table:
+    """PROMPTS and NEGATIVES (their ok rows) -> QUESTIONS, one row per (item, side, k).
+
+    `round_prompts`: the round's whole prompts table when `prompts`/`negatives` are slices (a stage spread over
+    workers); the structured fallback reads a negative with the words of the whole round, so slices give the rows
+    the whole tables would.
+    """
+    if cfg.source == "testbed":  # the shapes world's exact questions for each caption, no model call
+        return testbed_questions(prompts, negatives)
     structured = cfg.fallback == "structured"
     items = ok_input_rows(prompts, PROMPTS, [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])],
                           table_name="prompts", stage="generate_questions")
@@ -46,7 +55,12 @@ def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: Ques
         batch_size=cfg.batch_size,
     )
     structures = {i["item_id"]: Structure.from_columns(i) for i in items} if structured else {}
-    round_words = _words(structures.values())  # a negative's words: those of its item and of the round
+    if structured and round_prompts is not None:
+        round_items = ok_input_rows(round_prompts, PROMPTS, [*ITEM_COLUMNS, "prompt", *STRUCTURED_COLUMNS],
+                                    table_name="prompts", stage="generate_questions")
+        round_words = _words(Structure.from_columns(i) for i in round_items)
+    else:
+        round_words = _words(structures.values())  # a negative's words: those of its item and of the round
     rows = []
     for job, text in zip(jobs, outputs):
         row = {**job, "raw_output": text, "source": "model"}

@@ -15,6 +15,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import torch
@@ -84,9 +85,10 @@ class OSPOTrainer(DPOTrainer):
         return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     def concatenated_forward(self, model, inputs) -> torch.Tensor:
-        """Per-token image log-probs of all 3B rows in one forward, (3B, N) fp32."""
+        """Per-token image log-probs of all 3B rows in one forward, (3B, N) fp32. The language model runs through
+        `model` as the trainer wrapped it (DDP/FSDP), so data-parallel gradients are synchronised."""
         return image_token_logps(self._janus(model), inputs["prompt_ids"], inputs["prompt_mask"],
-                                 inputs["image_tokens"])
+                                 inputs["image_tokens"], trunk=model)
 
     def _sequence_logps(self, per_token: torch.Tensor, inputs) -> torch.Tensor:
         mask = torch.ones_like(per_token)
@@ -131,7 +133,13 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
                       target_modules=LORA_TARGET_REGEX)
 
 
-def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device) -> OSPOConfig:
+# FSDP gives every module the trainer calls outside the language model's forward (text and image-token embeddings,
+# image aligner, generation head) its own shard group, so that each gathers its weights when called.
+FSDP_WRAP = ["LlamaDecoderLayer", "Embedding", "JanusVQVAEAlignerMLP", "JanusVQVAEHead"]
+
+
+def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device,
+                       data_parallel: Literal["ddp", "fsdp"] = "ddp") -> OSPOConfig:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     cosine = cfg.lr_scheduler == "cosine"
     return OSPOConfig(
@@ -159,6 +167,9 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device)
         disable_dropout=False,  # keep the paper's LoRA dropout
         dataloader_num_workers=0,
         use_cpu=device.type == "cpu",
+        ddp_find_unused_parameters=False,  # every LoRA weight is in the language model, used by every forward
+        fsdp="full_shard auto_wrap" if data_parallel == "fsdp" else None,
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": FSDP_WRAP} if data_parallel == "fsdp" else None,
     )
 
 
@@ -170,7 +181,7 @@ def last_checkpoint(output_dir: Path) -> str | None:
         if (path / "trainer_state.json").is_file():
             complete.append(path)
         else:
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)  # data-parallel processes all clean up: one of them wins
     complete.sort(key=lambda p: int(p.name.split("-")[-1]))
     return str(complete[-1]) if complete else None
 
@@ -184,6 +195,7 @@ def train_ospo(
     masks: pa.Table | None = None,
     callbacks: list[TrainerCallback] | None = None,
     resume: bool = True,
+    data_parallel: Literal["ddp", "fsdp"] = "ddp",
 ) -> TrainResult:
     """Train a LoRA adapter on the pairs; writes `<output_dir>/adapter` (safetensors + the base fingerprint).
 
@@ -192,7 +204,7 @@ def train_ospo(
     """
     output_dir = Path(output_dir)
     dataset = pairs_to_dataset(pairs, bundle, cfg, masks)
-    args = ospo_training_args(cfg, output_dir, bundle.device)
+    args = ospo_training_args(cfg, output_dir, bundle.device, data_parallel)
     if args.bf16 is False and bundle.dtype != torch.float32:
         bundle.model.float()  # fp32 training on CPU: bf16 weights would train with bf16 rounding
     trainer = OSPOTrainer(bundle.model, args, dataset, bundle.processor, peft_config=lora_config(cfg),
@@ -201,11 +213,17 @@ def train_ospo(
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
     # Written beside its final name and renamed, so a crash never leaves a half-written adapter behind.
     adapter_dir, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging, safe_serialization=True)
-    write_adapter_meta(staging, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    staging.rename(adapter_dir)
+    # Under data parallelism every process runs this: all take part in gathering the weights (FSDP shards them),
+    # the main process alone writes.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state,
+                                                                        safe_serialization=True)
+        write_adapter_meta(staging, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        staging.rename(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
     history = [
         {"step": int(entry["step"]), "metric": key, "value": float(value)}
         for entry in trainer.state.log_history
