@@ -48,8 +48,12 @@ def generate_text(
 def _generate_batch(bundle, texts, seeds, *, temperature, top_p, max_new_tokens, greedy) -> list[str]:
     tok, model, device = bundle.tokenizer, bundle.model, bundle.device
     enc = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(device)
-    mask = enc["attention_mask"]  # (B, T)
-    positions = positions_from_mask(mask)
+    t = enc["input_ids"].shape[1]
+    # Mask and positions for prompt + every new token, made once: the cache only ever reads its first columns
+    # (the attention mask may be longer than the keys), so no step concatenates or reallocates them.
+    mask = torch.ones(len(texts), t + max_new_tokens, dtype=torch.bool, device=device)  # (B, T + max_new)
+    mask[:, :t] = enc["attention_mask"].bool()
+    positions = positions_from_mask(mask)  # (B, T + max_new)
     uniforms = row_uniforms(seeds, max_new_tokens, device) if not greedy else None  # (B, max_new)
     cache = DynamicCache(config=model.config.text_config)
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -58,8 +62,9 @@ def _generate_batch(bundle, texts, seeds, *, temperature, top_p, max_new_tokens,
     new_tokens = []
     inputs = enc["input_ids"]
     for step in range(max_new_tokens):
-        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1)
+        cols = slice(0, t) if step == 0 else slice(t + step - 1, t + step)  # the prompt, then one new token
+        out = model(input_ids=inputs, attention_mask=mask[:, : cols.stop], position_ids=positions[:, cols],
+                    cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]  # (B, V)
         u = uniforms[:, step] if uniforms is not None else None
         nxt = sample_tokens(logits, u, temperature=temperature, top_p=top_p, greedy=greedy)
@@ -68,9 +73,7 @@ def _generate_batch(bundle, texts, seeds, *, temperature, top_p, max_new_tokens,
         finished |= nxt == eos
         if bool(finished.all()):
             break
-        inputs = nxt.unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
+        inputs = nxt.unsqueeze(-1)  # (B, 1)
     generated = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
     texts_out = []
     for row in generated:
