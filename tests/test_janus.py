@@ -216,3 +216,20 @@ def test_no_network_access(tiny, tmp_path, monkeypatch):
     samples = sample_images(bundle, PROMPTS[:1], seed=0)
     score_yes_no(bundle, samples.images, [["Is there a cat?"]])
     generate_text(bundle, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+
+
+def test_greedy_sampler_matches_generate_past_one_cache_block():
+    """256 image tokens: the static cache's attention span grows past its first 64-position block."""
+    from ospo_core.janus.load import JanusBundle, _ensure_generation_config
+    from ospo_core.janus.tiny import build_tiny_janus
+
+    model, processor = build_tiny_janus(0, image_size=256)
+    _ensure_generation_config(model, processor)
+    bundle = JanusBundle(model=model, processor=processor, fingerprint="tiny-256", source="tiny")
+    ours = sample_images(bundle, PROMPTS[:2], greedy=True, batch_size=2).tokens
+    assert ours.shape == (2, 256)
+    for row, prompt in enumerate(PROMPTS[:2]):
+        ids, mask = gen_prompt_batch(bundle, [prompt])
+        ref = model.generate(input_ids=ids, attention_mask=mask, generation_mode="image", guidance_scale=5.0,
+                             do_sample=False)
+        assert torch.equal(ours[row], ref[0])
