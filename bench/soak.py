@@ -41,13 +41,18 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from ospo_core import store
-    from ospo_core.config import DEMO_OVERRIDES, RoundConfig, SelfImproveConfig, deep_update
+    from ospo_core.config import (
+        DEMO_OVERRIDES, EVAL_DEMO_OVERRIDES, EvalConfig, RoundConfig, SelfImproveConfig, deep_update,
+    )
     from flows.self_improve import self_improve
 
     home = Path(args.home)
     shutil.rmtree(home, ignore_errors=True)
-    config = SelfImproveConfig(rounds=1, round_prefix="soak",
-                               round=RoundConfig.model_validate(deep_update(DEMO_OVERRIDES, NIGHT)))
+    config = SelfImproveConfig(
+        rounds=1, round_prefix="soak", round=RoundConfig.model_validate(deep_update(DEMO_OVERRIDES, NIGHT)),
+        eval=EvalConfig.model_validate(deep_update(EVAL_DEMO_OVERRIDES, {"prompt_set": "geneval", "limit": 1,
+                                                                          "questions": {"max_new_tokens": 8}})),
+    )
     seconds, failures, sizes = [], [], []
     for night in range(1, args.rounds + 1):
         t0 = time.perf_counter()
