@@ -333,20 +333,24 @@ DEMO_OVERRIDES: dict = {
               "save_steps": 4, "logging_steps": 1, "gradient_checkpointing": False},
     "shard_rows": 16,
 }
-# The prompt sub-categories the shapes-world testbed has captions for (ospo_core.testbed.world).
+
+# The prompt sub-categories the shapes world has captions for (ospo_core.testbed.world).
 TESTBED_SUB_CATEGORIES = ("color1", "color2", "2D_spatial", "numeracy1", "numeracy2", "complex")
 # A round on the shapes-world testbed (`model` = a checkpoint made by `ospo testbed`): the world writes the text,
-# the oracle judges the drawn grids, the model draws and trains. Seconds per round on 2 CPU cores.
+# the oracle judges the drawn grids, the model draws and trains. Seconds per round on 2 CPU cores. Quotas favour the
+# large caption spaces (color1 and numeracy1 have only 9 and 27 training captions). Guidance is off (w = 1): no
+# round trains the unconditional branch, and with w = 5 the guided distribution drifted with it (TESTBED.md).
 TESTBED_OVERRIDES: dict = {
     "prompts": {"source": "testbed", "sub_categories": list(TESTBED_SUB_CATEGORIES),
-                "quotas": dict.fromkeys(TESTBED_SUB_CATEGORIES, 8)},
+                "quotas": {"color1": 9, "color2": 50, "2D_spatial": 96, "numeracy1": 27, "numeracy2": 96,
+                           "complex": 96}},
     "perturb": {"source": "testbed"},
     "densify": {"source": "testbed"},
     "questions": {"source": "testbed"},
     "vqa": {"judge": "oracle"},
-    "render": {"batch_size": 64, "decoder": "testbed"},
-    "train": {"max_steps": 40, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-              "lora_r": 16, "lora_alpha": 32, "save_steps": 40, "logging_steps": 5, "gradient_checkpointing": False},
+    "render": {"cfg_weight": 1.0, "batch_size": 64, "decoder": "testbed"},
+    "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-4,
+              "lora_r": 16, "lora_alpha": 32, "save_steps": 80, "logging_steps": 10, "gradient_checkpointing": False},
     "shard_rows": 4096,
 }
 PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES}
@@ -442,11 +446,20 @@ class SelfImproveConfig(StageConfig):
 class PretrainConfig(StageConfig):
     """The testbed's start model: plain supervised next-token training on (caption -> scene grid) pairs."""
 
-    steps: int = Field(600, ge=1, le=100_000, description="Optimizer steps. More = a better start model and less "
-                       "room for rounds to improve it; the default stops at a middling held-out accuracy.")
+    steps: int = Field(2000, ge=1, le=100_000, description="Optimizer steps on clean captions: the skills. More = "
+                       "a better start model; fewer = a weaker one that the rounds' own samples cannot lift much.")
+    noisy_steps: int = Field(300, ge=0, le=100_000, description="Steps after the clean ones, at half the peak rate, "
+                             "on captions of which caption_noise are wrong: the confusions rounds should remove.")
+    caption_noise: float = Field(
+        0.4, ge=0, lt=1, description="Fraction of the noisy phase's scenes that depict a perturbed caption (a "
+        "replaced colour, shape, count or relation, swapped attributes, a dropped object), like the noisy alt-text of "
+        "web data. Higher = a lower start and more for the rounds to fix; 0 (or noisy_steps 0) = a clean start, "
+        "limited by its capacity, which self-generated data barely moves (see TESTBED.md)."
+    )
     batch_size: int = Field(64, ge=1, le=4096, description="Captions per step (categories drawn uniformly), each "
                             "with a fresh random scene.")
-    learning_rate: float = Field(3e-3, gt=0, le=1, description="AdamW peak learning rate, cosine-decayed to a tenth.")
+    learning_rate: float = Field(2e-3, gt=0, le=1, description="AdamW peak learning rate, cosine-decayed to a tenth "
+                                 "over the clean steps. Higher = leaves the early plateau sooner, until it diverges.")
     unconditional_prob: float = Field(0.1, ge=0, lt=1, description="Fraction of rows whose caption is blanked (the "
                                       "sampler's unconditional twin), so classifier-free guidance has an "
                                       "unconditional model to push away from; Janus trains with 10%.")
@@ -480,6 +493,8 @@ class TestbedConfig(StageConfig):
                                 f"compare, from {list(TESTBED_SETTINGS)}.")
     eval_samples: int = Field(64, ge=1, le=10_000, description="Scenes drawn per category at each evaluation, over "
                               "the held-out captions. More = a steadier metric (standard error ~ 0.5/sqrt(n)).")
+    workers: int = Field(2, ge=1, le=64, description="Seeds run side by side in this many processes (one per core "
+                         "of a 2-core machine by default); the results do not depend on it.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The start model.")
     round: RoundConfig = Field(default_factory=lambda: RoundConfig.model_validate(TESTBED_OVERRIDES),
                                description="Settings of every round (the 'testbed' preset); its model is replaced "

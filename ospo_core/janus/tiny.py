@@ -43,8 +43,12 @@ TINY_IMAGE_SIZE = 64  # pixels; with 16-px patches this is a 4x4 grid = 16 image
 TINY_CODEBOOK = 64
 
 
-def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with the Janus special tokens, trained on `_CORPUS` (deterministic, ~50 ms)."""
+def build_tiny_tokenizer(vocab_size: int = 600, extra_corpus: str = "") -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the Janus special tokens, trained on `_CORPUS` (deterministic, ~50 ms).
+
+    `extra_corpus` is appended to the corpus so that a derived model learns whole words for its own vocabulary
+    (the testbed's shapes world); empty gives the built-in tokenizer.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -54,7 +58,7 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator((_CORPUS + extra_corpus).splitlines(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # Like Janus-Pro's tokenizer, every encoded text starts with BOS.
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
@@ -68,17 +72,26 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY_IMAGE_SIZE) -> JanusConfig:
-    """A Janus config with every component shrunk: 2-layer Llama (d=64), 1-layer SigLIP, a 2-level VQ."""
+def build_tiny_config(
+    tokenizer: PreTrainedTokenizerFast,
+    image_size: int = TINY_IMAGE_SIZE,
+    codebook_size: int = TINY_CODEBOOK,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> JanusConfig:
+    """A Janus config with every component shrunk: a small Llama (default 2 layers, d=64), 1-layer SigLIP, a tiny VQ.
+
+    `codebook_size` is the number of image tokens the generation head chooses from, `hidden_size` and `num_layers`
+    size the language model (the testbed sets all three: its tokens are scene cells, and it must learn to draw)."""
     patch = 16
     grid = image_size // patch
     vocab = len(tokenizer)
     text_config = dict(
         model_type="llama",
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -92,21 +105,21 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast, image_size: int = TINY
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch,
-        projection_dim=64,
+        projection_dim=hidden_size,  # the aligner maps image features into the language model
         depth=1,
         num_image_tokens=grid * grid,
         mlp_ratio=2.0,
     )
     vq_config = dict(
         embed_dim=8,
-        num_embeddings=TINY_CODEBOOK,
+        num_embeddings=codebook_size,
         latent_channels=32,
         base_channels=32,
         # Four downsampling levels (len-1) give the 16x reduction Janus uses: 64 px -> 4x4 tokens.
         channel_multiplier=[1, 1, 1, 1, 1],
         num_res_blocks=1,
-        projection_dim=64,
-        image_token_embed_dim=64,
+        projection_dim=hidden_size,
+        image_token_embed_dim=hidden_size,
         num_hidden_layers=2,
     )
     return JanusConfig(
@@ -132,10 +145,18 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = T
     )
 
 
-def build_tiny_janus(seed: int = 0, image_size: int = TINY_IMAGE_SIZE) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
-    """Random-weight tiny Janus + processor, identical for a given seed."""
-    tokenizer = build_tiny_tokenizer()
-    config = build_tiny_config(tokenizer, image_size)
+def build_tiny_janus(
+    seed: int = 0,
+    image_size: int = TINY_IMAGE_SIZE,
+    *,
+    codebook_size: int = TINY_CODEBOOK,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    extra_corpus: str = "",
+) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
+    """Random-weight tiny Janus + processor, identical for given arguments (see the builders for each one)."""
+    tokenizer = build_tiny_tokenizer(extra_corpus=extra_corpus)
+    config = build_tiny_config(tokenizer, image_size, codebook_size, hidden_size, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = JanusForConditionalGeneration(config)

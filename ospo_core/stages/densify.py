@@ -19,12 +19,15 @@ from ospo_core.records import DENSE, NEGATIVES, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
 from ospo_core.templates import dense_chat
 from ospo_core.templates.parse import ParseError, parse_dense
+from ospo_core.testbed.text import testbed_dense
 
 COLUMNS = ["item_id", "t2i_category", "sub_category", "k", "prompt", "negative_prompt"]
 
 
 def densify(negatives: pa.Table, bundle, cfg: DensifyConfig) -> pa.Table:
     """NEGATIVES (its ok rows) -> DENSE, one row per (item, k)."""
+    if cfg.source == "testbed":  # a shapes-world caption already names every object of its scene
+        return testbed_dense(negatives, cfg)
     pairs = ok_input_rows(negatives, NEGATIVES, COLUMNS, table_name="negatives", stage="densify")
     for pair in pairs:
         if not 0 <= pair["k"] < len(cfg.seeds):

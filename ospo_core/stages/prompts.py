@@ -39,6 +39,7 @@ from ospo_core.templates.parse import (
     parse_prompt_answer,
     parse_relation,
 )
+from ospo_core.testbed.text import testbed_prompts
 
 # The fallback grammar's attribute word lists per run family, and its relation lists per spatial run.
 _ATTRIBUTE_WORDS = {"color": "colors", "shape": "shapes", "texture": "textures"}
@@ -49,6 +50,8 @@ _FALLBACK_TRIES = 50
 
 def generate_prompts(bundle, cfg: PromptsConfig) -> pa.Table:
     """All twelve runs (those with a non-zero quota), as one PROMPTS table: accepted prompts carry item ids."""
+    if cfg.source == "testbed":  # the shapes world's grammar writes the prompts; the testbed model only draws
+        return testbed_prompts(cfg)
     rows: list[dict] = []
     for key in SUB_CATEGORIES:
         quota = cfg.quota_for(key)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ospo_core.config import RenderConfig
-from ospo_core.janus.image import sample_images
+from ospo_core.janus.image import decode_images, sample_image_tokens
 from ospo_core.records import DENSE, IMAGES, image_cell, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
+from ospo_core.testbed.render import draw_scene
 
 _READS = ["item_id", "t2i_category", "sub_category", "k", "dense_prompt", "negative_dense_prompt"]
 
@@ -22,10 +23,14 @@ def render(dense: pa.Table, bundle, cfg: RenderConfig) -> pa.Table:
         jobs += [(row, "base", row["dense_prompt"], seed), (row, "negative", row["negative_dense_prompt"], seed)]
     if not jobs:
         return to_table([], IMAGES)
-    samples = sample_images(bundle, [j[2] for j in jobs], cfg_weight=cfg.cfg_weight, temperature=cfg.temperature,
-                            seed=[j[3] for j in jobs], batch_size=cfg.batch_size)
+    sampled = sample_image_tokens(bundle, [j[2] for j in jobs], cfg_weight=cfg.cfg_weight,
+                                  temperature=cfg.temperature, seed=[j[3] for j in jobs], batch_size=cfg.batch_size)
+    if cfg.decoder == "testbed":  # the tokens are shapes-world cells: draw them (the VQ decoder is untrained)
+        images = [draw_scene(t) for t in sampled.tolist()]
+    else:
+        images = decode_images(bundle, sampled)
     out = []
-    for (row, side, prompt, seed), tokens, image in zip(jobs, samples.tokens.tolist(), samples.images):
+    for (row, side, prompt, seed), tokens, image in zip(jobs, sampled.tolist(), images):
         out.append({
             "item_id": row["item_id"], "t2i_category": row["t2i_category"], "sub_category": row["sub_category"],
             "side": side, "k": row["k"], "seed": seed, "prompt": prompt,

@@ -1,0 +1,199 @@
+"""The ablation table on the shapes world: which parts of OSPO make the drawing better?
+
+Every setting (`config.TESTBED_SETTINGS`: SFT only, SimPO only, SimPO + SFT, the v2 default, v2 with object
+weighting, DPO with a reference) starts from the same pre-trained checkpoint and runs `rounds` OSPO rounds with the
+testbed round config: the world writes prompts, negatives and questions, the model draws, the oracle judges, the
+v2 rule selects pairs with the model's own likelihoods, and `train_ospo` trains a LoRA adapter, which is merged
+before the next round draws its data. Within a seed, every setting sees the same round-1 data (drawn once by the
+start model), the same round seeds and the same number of training steps; only the training objective differs.
+After each round the model is evaluated on the held-out captions (`testbed.evaluate`), with the same noise for
+every setting. The whole table is repeated per seed.
+
+A round here calls the stage functions directly, in the order of `flows/round.py` (which runs the same functions as
+Prefect tasks, with caching and artifacts): Prefect's per-task overhead would dominate rounds that take seconds.
+`tests/test_testbed.py` runs a testbed round through the flow too.
+
+Layout of the run folder: `seed-<s>/start/testbed_eval`, `seed-<s>/round-1-data/<table>` (shared by the settings),
+`seed-<s>/<setting>/round-<r>/<table>` (round data from round 2 on, `masks`, `train/adapter`, `testbed_eval`), and
+`results.json` (one row per seed, setting, round and category).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image
+
+from ospo_core import store
+from ospo_core.config import TESTBED_SETTINGS, RoundConfig, TestbedConfig
+from ospo_core.janus.load import JanusBundle, load_janus
+from ospo_core.records import SCHEMAS, ok_rows
+from ospo_core.stages.common import row_seed
+from ospo_core.stages.densify import densify
+from ospo_core.stages.masks import object_masks
+from ospo_core.stages.perturb import perturb
+from ospo_core.stages.prompts import generate_prompts
+from ospo_core.stages.questions import generate_questions
+from ospo_core.stages.render import render
+from ospo_core.stages.select import model_loglik, select_pairs
+from ospo_core.stages.vqa import self_vqa
+from ospo_core.testbed.evaluate import evaluate_scenes, summarize
+from ospo_core.testbed.model import check_testbed_model
+from ospo_core.testbed.pretrain import ensure_checkpoint
+from ospo_core.testbed.render import scene_sheet
+from ospo_core.testbed.report import results_plot, results_table
+from ospo_core.testbed.world import CATEGORIES
+from ospo_core.train.trainer import train_ospo
+
+ROUND_TABLES = ("prompts", "negatives", "dense", "images", "questions", "vqa", "pairs")
+
+
+def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
+    """Stages 1-3 of a round (prompts -> pairs) with the round's start model, as flows/round.py orders them."""
+    prompts = generate_prompts(bundle, config.prompts)
+    negatives = perturb(prompts, bundle, config.perturb)
+    dense = densify(negatives, bundle, config.densify)
+    images = render(dense, bundle, config.render)
+    questions = generate_questions(prompts, negatives, bundle, config.questions)
+    vqa = self_vqa(images, questions, bundle, config.vqa)
+    pairs = select_pairs(images, vqa, questions, negatives, config.select, model_loglik(bundle))
+    return {"prompts": prompts, "negatives": negatives, "dense": dense, "images": images, "questions": questions,
+            "vqa": vqa, "pairs": pairs}
+
+
+def round_config(cfg: TestbedConfig, checkpoint: Path, seed: int, round_n: int, setting: str) -> RoundConfig:
+    """The testbed round of (seed, round) for a setting: its own prompt, render and training seeds, the setting's
+    training objective. Seeds do not depend on the setting, so round data differs between settings only through
+    the model that draws it."""
+    document = cfg.round.model_dump()
+    document["model"] = str(checkpoint)
+    document["prompts"]["seed"] = row_seed(seed, "prompts", round_n)
+    document["render"]["seed"] = row_seed(seed, "render", round_n)
+    document["train"] |= {"seed": seed, **TESTBED_SETTINGS[setting]}
+    return RoundConfig.model_validate(document)
+
+
+def _write(tables: dict[str, pa.Table | None], folder: Path) -> None:
+    for name, table in tables.items():
+        if table is not None:
+            store.write_table(table, store.table_dir(folder, name))
+
+
+def _evaluate(cfg: TestbedConfig, bundle: JanusBundle, seed: int, folder: Path) -> dict[str, dict[str, float]]:
+    """Held-out metrics of a model (its scenes written to folder/testbed_eval), sampled as the rounds render."""
+    render_cfg = cfg.round.render
+    table = evaluate_scenes(bundle, samples=cfg.eval_samples, seed=seed, cfg_weight=render_cfg.cfg_weight,
+                            temperature=render_cfg.temperature, batch_size=render_cfg.batch_size)
+    _write({"testbed_eval": table}, folder)
+    return summarize(table)
+
+
+def _rows(summary: dict, log, **keys) -> list[dict]:
+    log(f"{keys}: exact {summary['all']['exact']:.3f}, recall {summary['all']['recall']:.3f}, "
+        f"hallucination {summary['all']['hallucination']:.3f}")
+    return [{**keys, "category": category, **metrics} for category, metrics in summary.items()]
+
+
+def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log=print) -> list[dict]:
+    """Every setting's rounds for one seed; result rows for round 0 (the start, under every setting) to `rounds`."""
+    start = load_janus(checkpoint)
+    check_testbed_model(start)
+    summary = _evaluate(cfg, start, seed, run_dir / f"seed-{seed}" / "start")
+    rows = []
+    for setting in cfg.settings:
+        rows += _rows(summary, log, seed=seed, setting=setting, round=0, pairs=None, train_seconds=None)
+    # Round-1 data depends on the start model and the seeds only: draw it once for every setting.
+    shared = round_data(round_config(cfg, checkpoint, seed, 1, cfg.settings[0]), start)
+    _write(shared, run_dir / f"seed-{seed}" / "round-1-data")
+    for setting in cfg.settings:
+        adapters: list[str] = []
+        bundle = start
+        for round_n in range(1, cfg.rounds + 1):
+            config = round_config(cfg, checkpoint, seed, round_n, setting)
+            folder = run_dir / f"seed-{seed}" / setting / f"round-{round_n}"
+            data = shared if round_n == 1 else round_data(config, bundle)
+            if round_n > 1:
+                _write(data, folder)
+            pairs = ok_rows(data["pairs"]).num_rows
+            seconds = None
+            if pairs == 0:
+                log(f"seed {seed} {setting} round {round_n}: no pair was selected; the model is not trained")
+            else:
+                masks = (object_masks(data["pairs"], data["prompts"], bundle, config.masks)
+                         if config.train.object_weighting else None)
+                started = time.perf_counter()
+                trainee = load_janus(checkpoint, adapters=tuple(adapters))  # training takes ownership of it
+                result = train_ospo(data["pairs"], trainee, config.train, folder / "train", masks=masks, resume=False)
+                seconds = time.perf_counter() - started
+                _write({"masks": masks, "train_history": result.history}, folder)
+                adapters.append(str(result.adapter_dir))
+                bundle = load_janus(checkpoint, adapters=tuple(adapters))
+            rows += _rows(_evaluate(cfg, bundle, seed, folder), log, seed=seed, setting=setting, round=round_n,
+                          pairs=pairs, train_seconds=seconds)
+    return rows
+
+
+def run_ablation(cfg: TestbedConfig, checkpoint: str | Path, run_dir: str | Path, log=print) -> list[dict]:
+    """Run the table; returns (and writes to run_dir/results.json) one row per seed, setting, round and category.
+
+    Seeds are independent, so `cfg.workers` processes run them side by side (each with this process's torch thread
+    count); the rows do not depend on how many.
+    """
+    checkpoint, run_dir = Path(checkpoint), Path(run_dir)
+    jobs = [(cfg, checkpoint, run_dir, seed) for seed in cfg.seeds]
+    workers = min(cfg.workers, len(jobs))
+    if workers > 1:
+        import torch
+
+        # Spawned workers are fresh interpreters (no forked torch or tokenizer state); a worker that dies raises
+        # BrokenProcessPool here instead of hanging the table.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
+            per_seed = list(pool.map(run_seed, *zip(*jobs)))
+    else:
+        per_seed = [run_seed(*job, log=log) for job in jobs]
+    rows = [row for seed_rows in per_seed for row in seed_rows]
+    store.write_json(run_dir / "results.json", rows)
+    return rows
+
+
+def read_tables(folder: Path) -> dict[str, pa.Table]:
+    """The tables a testbed round folder holds (for inspection and tests)."""
+    return {name: store.read_table(store.table_dir(folder, name), SCHEMAS[name], name=name)
+            for name in (*ROUND_TABLES, "masks", "testbed_eval") if store.table_dir(folder, name).is_dir()}
+
+
+def sample_sheet(run_dir: Path, cfg: TestbedConfig, per_category: int = 2) -> Image.Image:
+    """Held-out captions of the first seed: the start model's scene, then each setting's after the last round."""
+    seed = run_dir / f"seed-{cfg.seeds[0]}"
+    folders = [("start", seed / "start")] + [(s, seed / s / f"round-{cfg.rounds}") for s in cfg.settings]
+    tables = [(label, read_tables(folder)["testbed_eval"].to_pylist()) for label, folder in folders]
+    rows = []
+    for category in CATEGORIES:
+        picks = [i for i, r in enumerate(tables[0][1]) if r["category"] == category][:per_category]
+        for i in picks:
+            scenes = [(f"{label}: {'ok' if t[i]['exact'] else 'wrong'}", t[i]["image_tokens"]) for label, t in tables]
+            rows.append((tables[0][1][i]["prompt"], scenes))
+    return scene_sheet(rows)
+
+
+def run_testbed(cfg: TestbedConfig, home: Path, checkpoint: Path | None = None, log=print) -> tuple[Path, str]:
+    """`ospo testbed`: pre-train (or reuse `checkpoint`), run the ablation, write the table, plot and samples.
+
+    Returns the run folder (<home>/runs/testbed-<time>) and the table as markdown.
+    """
+    run_dir = store.round_dir(home, time.strftime("testbed-%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=False)
+    store.write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    started = time.perf_counter()
+    checkpoint = ensure_checkpoint(cfg.pretrain, checkpoint or run_dir / "checkpoint", log=log)
+    rows = run_ablation(cfg, checkpoint, run_dir, log)
+    table = results_table(rows) + f"\n\nCheckpoint: {checkpoint}. Wall time: {time.perf_counter() - started:.0f}s."
+    (run_dir / "results.md").write_text(table + "\n")
+    results_plot(rows).save(run_dir / "ablation.png")
+    sample_sheet(run_dir, cfg).save(run_dir / "samples.png")
+    return run_dir, table

@@ -1,0 +1,231 @@
+"""The shapes-world testbed: the oracle on hand-made grids, the grammar, the world-written stages, the oracle judge
+in the self-VQA stage, and that two rounds of the default OSPO setting raise held-out accuracy (`ospo testbed`)."""
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ospo_core import config as configs
+from ospo_core.config import TESTBED_OVERRIDES, PerturbConfig, PromptsConfig, RoundConfig, VQAConfig, deep_update
+from ospo_core.records import IMAGES, QUESTIONS, image_cell, to_table
+from ospo_core.stages.perturb import perturb
+from ospo_core.stages.prompts import generate_prompts
+from ospo_core.stages.questions import generate_questions
+from ospo_core.stages.vqa import self_vqa
+from ospo_core.testbed.evaluate import score_scene
+from ospo_core.testbed.oracle import answer, oracle_scores
+from ospo_core.testbed.pretrain import checkpoint_meta, ensure_checkpoint
+from ospo_core.testbed.render import draw_scene
+from ospo_core.testbed.world import CATEGORIES, WORLD, CaptionError, Kind
+
+E = 0  # an empty cell
+
+
+def cell(colour: str, shape: str) -> int:
+    return WORLD.token(Kind(colour, shape))
+
+
+R_SQ, B_CI, G_TR, Y_SQ = cell("red", "square"), cell("blue", "circle"), cell("green", "triangle"), cell("yellow", "square")
+
+# Row by row (raster order = image-token order). A red square in the top-left corner, a blue circle two cells to its
+# right on the same row, three green triangles on the bottom row.
+GRID = [
+    R_SQ, E, B_CI, E,
+    E, E, E, E,
+    E, E, E, E,
+    G_TR, G_TR, G_TR, E,
+]
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Is there one red square?", True),
+    ("Is there a red square?", True),
+    ("Are there two red squares?", False),
+    ("Are there three green triangles?", True),
+    ("Are there two green triangles?", False),  # exact counts: three is not two
+    ("Is there a yellow square?", False),
+    ("Is there one blue circle?", True),
+    ("Is the red square left of the blue circle?", True),
+    ("Is the blue circle right of the red square?", True),
+    ("Is the red square right of the blue circle?", False),
+    ("Is the red square above the blue circle?", False),  # same row: neither above nor below
+    ("Is the red square above the green triangles?", True),
+    ("Are the green triangles below the blue circle?", True),
+    ("Are the green triangles left of the blue circle?", False),  # one of them (column 2) is not
+    ("Is the red square left of the yellow square?", False),  # no yellow square: the relation cannot hold
+    ("Are there five shapes in total?", True),
+    ("Are there four shapes in total?", False),
+    ("  is THERE one Red Square ", True),  # case, spacing and the question mark do not matter
+])
+def test_oracle_answers_questions_about_a_hand_made_grid(question, expected):
+    assert answer(GRID, question) is expected
+
+
+def test_oracle_scores_are_exact_probabilities_and_unknown_questions_are_none():
+    scores = oracle_scores(GRID, ["Is there one red square?", "Is there a purple square?", "Is the cat happy?",
+                                  "Are there two red squares?"])
+    assert scores == [(1.0, 0.0), None, None, (0.0, 1.0)]
+
+
+def test_oracle_refuses_grids_of_another_model():
+    with pytest.raises(ValueError, match="16 cells"):
+        answer(GRID[:9], "Is there one red square?")
+    with pytest.raises(ValueError, match="not a cell of this world"):
+        answer([63] + GRID[1:], "Is there one red square?")
+
+
+def test_world_questions_hold_exactly_for_the_scenes_of_their_caption():
+    """Every question of a caption is true on a sampled scene of it; moving one object or adding one breaks it."""
+    rng = random.Random(0)
+    for category in CATEGORIES:
+        train, heldout = WORLD.split(category)
+        assert not {d.key() for d in train} & {d.key() for d in heldout}
+        for d in rng.sample(train, 5):
+            d = WORLD.wording(d, rng)
+            caption = WORLD.caption(d)
+            assert WORLD.parse(caption) == d and d.category == category
+            scene = WORLD.sample_scene(d, rng)
+            assert score_scene(WORLD, scene, d) == {"exact": True, "asked": d.objects, "found": d.objects,
+                                                   "drawn": d.objects}
+            extra = scene.copy()
+            extra[extra.index(E)] = Y_SQ if all(g.kind != Kind("yellow", "square") for g in d.groups) else G_TR
+            scored = score_scene(WORLD, extra, d)
+            assert not scored["exact"] and scored["drawn"] == d.objects + 1
+
+
+def test_captions_parse_back_or_fail_with_the_reason():
+    d = WORLD.parse("two red squares above a blue circle")
+    assert (d.category, d.relation, d.objects) == ("complex", "above", 3)
+    assert WORLD.parse("a blue circle below two red squares").key() == d.key()  # the same scene, said backwards
+    for bad, reason in [("a red squares", "agree in number"), ("a red square and a red square", "same kind"),
+                        ("a purple square", "not a caption"), ("five red squares", "not a caption")]:
+        with pytest.raises(CaptionError, match=reason):
+            WORLD.parse(bad)
+
+
+@pytest.mark.parametrize("caption, method, expected", [
+    ("a red square and a blue circle", "swap", "a blue square and a red circle"),
+    ("a red square left of a blue circle", "swap", "a blue circle left of a red square"),
+    ("two red squares and one blue circle", "swap", "one red square and two blue circles"),
+    ("a red square", "swap", None),
+    ("a red square and a red circle", "swap", None),  # exchanging equal colours changes nothing
+])
+def test_swap_exchanges_what_the_category_is_about(caption, method, expected):
+    negative = WORLD.perturb(WORLD.parse(caption), method, random.Random(0))
+    assert (negative and WORLD.caption(negative)) == expected
+
+
+def test_replace_and_drop_always_change_the_scene():
+    rng = random.Random(1)
+    for category in CATEGORIES:
+        for d in WORLD.split(category)[0][:20]:
+            for method in ("replace", "drop"):
+                negative = WORLD.perturb(d, method, rng)
+                if method == "drop" and len(d.groups) == 1:
+                    assert negative is None
+                else:
+                    assert negative.key() != d.key() and len(negative.groups) <= len(d.groups)
+
+
+def test_testbed_text_stages_write_world_captions_negatives_and_questions():
+    cfg = RoundConfig.model_validate(TESTBED_OVERRIDES)
+    prompts = generate_prompts(None, cfg.prompts.model_copy(update={"quotas": dict.fromkeys(CATEGORIES, 3)}))
+    assert prompts.num_rows == 18 and set(prompts.column("source").to_pylist()) == {"testbed"}
+    heldout = {d.key() for c in CATEGORIES for d in WORLD.split(c)[1]}
+    assert not any(WORLD.parse(p).key() in heldout for p in prompts.column("prompt").to_pylist())
+    assert prompts.column("item_id").to_pylist()[:3] == ["0000000", "0000001", "0000002"]
+    negatives = perturb(prompts, None, cfg.perturb)
+    assert negatives.num_rows == 18 * 3
+    for row in negatives.to_pylist():  # failures are kept with their reason, never dropped
+        assert row["ok"] or row["reason"] == f"nothing_to_{row['perturbation']}"
+        if row["ok"]:
+            assert WORLD.parse(row["negative_prompt"]).key() != WORLD.parse(row["prompt"]).key()
+    questions = generate_questions(prompts, negatives, None, cfg.questions)
+    first = questions.to_pylist()[0]
+    assert first["questions"] == WORLD.questions(WORLD.parse(first["prompt"]))
+
+
+def test_testbed_prompts_refuse_categories_the_world_does_not_have():
+    with pytest.raises(ValueError, match="no captions for \\['shape1'\\]"):
+        generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1", "shape1")))
+    with pytest.raises(ValueError, match="exceeds the 9 training captions"):
+        generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1",), quotas={"color1": 10}))
+
+
+def test_a_model_written_prompt_reaching_a_testbed_stage_is_kept_and_marked():
+    prompts = generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1",), quotas={"color1": 1}))
+    prompts = prompts.set_column(prompts.schema.get_field_index("prompt"), "prompt",
+                                 [["a fluffy cat on a wooden table"]])
+    negatives = perturb(prompts, None, PerturbConfig(source="testbed"))
+    assert negatives.column("reason").to_pylist() == ["not_a_world_caption"] * 3
+
+
+def test_self_vqa_with_the_oracle_judge_reads_the_image_tokens():
+    images = to_table([{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
+                        "side": side, "k": 0, "seed": 0, "prompt": "p", "image": image_cell(draw_scene(grid)),
+                        "image_tokens": grid, "ok": True}
+                       for side, grid in (("base", GRID), ("negative", [E] * 16))], IMAGES)
+    questions = to_table([{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
+                           "side": "base", "k": -1, "prompt": "p", "ok": True,
+                           "questions": ["Is there one red square?", "Is there a dog?"]}], QUESTIONS)
+    vqa = self_vqa(images, questions, None, VQAConfig(judge="oracle")).to_pylist()
+    assert [(r["side"], r["p_yes"], r["answer"], r["reason"]) for r in vqa] == [
+        ("base", 1.0, "yes", None), ("base", None, None, "oracle_unknown_question"),
+        ("negative", 0.0, "no", None), ("negative", None, None, "oracle_unknown_question"),
+    ]
+
+
+# ---------------------------------------------------------------- rounds on a pre-trained testbed model
+
+# Small settings: the default pre-training (cached across test runs in pytest's cache folder: it takes minutes the
+# first time), one seed, the default OSPO setting, fewer prompts per round and fewer held-out samples.
+SMALL = configs.TestbedConfig.model_validate({
+    "seeds": [0], "settings": ["ospo"], "rounds": 2, "workers": 1, "eval_samples": 48,
+    "round": deep_update(TESTBED_OVERRIDES, {"prompts": {"quotas": {"2D_spatial": 48, "numeracy2": 48,
+                                                                    "complex": 48}}}),
+})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The testbed model's matrices are tiny: one torch thread is faster (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(request, one_thread):
+    """The pre-trained start model, made once per machine and settings (the folder name is their hash)."""
+    key = hashlib.sha256(json.dumps(checkpoint_meta(SMALL.pretrain), sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(request.config.cache.mkdir("ospo-testbed")) / key
+    return ensure_checkpoint(SMALL.pretrain, folder, log=lambda message: None)
+
+
+def test_a_testbed_round_runs_through_the_flow(prefect, checkpoint, tmp_path):
+    """The same round through Prefect: world-written text, images drawn from their tokens, oracle answers."""
+    from flows.round import ospo_round
+    from ospo_core import store
+    from ospo_core.records import SCHEMAS, decode_image
+
+    config = RoundConfig.model_validate(deep_update(TESTBED_OVERRIDES, {
+        "model": str(checkpoint), "round_id": "testbed",
+        "prompts": {"quotas": dict.fromkeys(CATEGORIES, 4)}, "train": {"max_steps": 2, "save_steps": 2},
+    }))
+    manifest = ospo_round(config, home=str(tmp_path))
+
+    def table(name):
+        return store.read_table(Path(manifest["tables"][name]["path"]), SCHEMAS[name], name=name).to_pylist()
+
+    assert {r["source"] for r in table("negatives")} == {"testbed"}
+    assert {(r["p_yes"], r["p_no"]) for r in table("vqa")} <= {(1.0, 0.0), (0.0, 1.0)}
+    image = table("images")[0]
+    assert decode_image(image["image"]).tobytes() == draw_scene(image["image_tokens"]).tobytes()
+    pairs = [r for r in table("pairs") if r["ok"]]
+    assert pairs and all(score_scene(WORLD, r["chosen_tokens"], WORLD.parse(r["prompt"]))["exact"] for r in pairs)
+    assert Path(manifest["adapter"], "adapter_model.safetensors").is_file()
