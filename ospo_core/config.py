@@ -500,6 +500,12 @@ class TestbedConfig(StageConfig):
                                description="Settings of every round (the 'testbed' preset); its model is replaced "
                                "by the pre-trained checkpoint and its train section by each setting's override.")
 
+    @field_validator("round", mode="before")
+    @classmethod
+    def _on_the_testbed_preset(cls, value):
+        # A partial round (a UI form, a YAML file) changes the testbed preset, not the paper's RoundConfig defaults.
+        return deep_update(TESTBED_OVERRIDES, value) if isinstance(value, dict) else value
+
     @field_validator("settings")
     @classmethod
     def _known_settings(cls, value: list[str]) -> list[str]:

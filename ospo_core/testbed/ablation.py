@@ -164,7 +164,8 @@ def run_ablation(cfg: TestbedConfig, checkpoint: str | Path, run_dir: str | Path
 def read_tables(folder: Path) -> dict[str, pa.Table]:
     """The tables a testbed round folder holds (for inspection and tests)."""
     return {name: store.read_table(store.table_dir(folder, name), SCHEMAS[name], name=name)
-            for name in (*ROUND_TABLES, "masks", "testbed_eval") if store.table_dir(folder, name).is_dir()}
+            for name in (*ROUND_TABLES, "masks", "train_history", "testbed_eval")
+            if store.table_dir(folder, name).is_dir()}
 
 
 def sample_sheet(run_dir: Path, cfg: TestbedConfig, per_category: int = 2) -> Image.Image:

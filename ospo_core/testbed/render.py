@@ -12,6 +12,7 @@ from PIL import Image, ImageColor, ImageDraw
 from ospo_core.testbed.world import WORLD, World
 
 GRID_LINE = (220, 220, 220)
+BORDER = (128, 128, 128)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -36,6 +37,7 @@ def draw_scene(tokens: list[int], world: World = WORLD, cell: int = 16) -> Image
     for i in range(1, world.grid):
         draw.line([(i * cell, 0), (i * cell, size)], fill=GRID_LINE)
         draw.line([(0, i * cell), (size, i * cell)], fill=GRID_LINE)
+    draw.rectangle((0, 0, size - 1, size - 1), outline=BORDER)  # so scenes side by side in a sheet stay apart
     margin = max(1, cell // 8)
     for kind, (row, col) in world.objects(tokens):
         box = (col * cell + margin, row * cell + margin, (col + 1) * cell - margin - 1, (row + 1) * cell - margin - 1)
@@ -59,5 +61,4 @@ def scene_sheet(
             left = text_width + c * (scene + 8)
             draw.text((left, top), label, fill="black")
             sheet.paste(draw_scene(tokens, world, cell), (left, top + label_height))
-            draw.rectangle((left, top + label_height, left + scene - 1, top + label_height + scene - 1), outline="gray")
     return sheet

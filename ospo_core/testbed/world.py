@@ -173,7 +173,8 @@ class World:
 
     def _phrase(self, g: Group, numbered: bool) -> str:
         if g.count == 1:
-            return f"one {g.kind.colour} {g.kind.shape}" if numbered else with_article(f"{g.kind.colour} {g.kind.shape}")
+            noun = f"{g.kind.colour} {g.kind.shape}"
+            return f"one {noun}" if numbered else with_article(noun)
         return f"{number_word(g.count)} {g.kind.colour} {g.kind.shape}s"
 
     @cached_property
