@@ -6,7 +6,7 @@ training step (one 3B-row forward vs three) in tokens/s and model FLOP utilisati
 Run it through `bench/gpu.sh`, which installs the pinned packages first; `--dry-run` runs the same code on the
 CPU at toy size, to check the script without a GPU.
 
-    python -m bench.gpu [--sizes 1b 7b] [--batches 1 16 64] [--compile reduce-overhead] [--budget-s 480]
+    python -m bench.gpu [--sizes 1b 7b] [--points sampler scoring training] [--batches 1 16 64] [--compile reduce-overhead] [--budget-s 480]
 
 Bandwidth bound of the sampler (`ospo_core.janus.image.sampling_bytes_per_step`): a step must read the weights it
 uses once (LM layers, generation head and aligner) and every row's keys/values written so far, T + 287.5 positions
@@ -133,7 +133,11 @@ def training_point(bundle, size, plan, flops_peak) -> None:
 
 
 def run_size(size, args, device, dtype, bandwidth, flops_peak, deadline, failures) -> None:
-    plan = PLAN[size]
+    plan = dict(PLAN[size])
+    if args.train_pairs:
+        plan["pairs"] = args.train_pairs
+    if args.checkpointing != "plan":
+        plan["checkpointing"] = args.checkpointing == "on"
     start = time.perf_counter()
     bundle = build_janus_for_bench(size, device=device, dtype=dtype)
     print(f"gpu: built {size} ({parameter_count(bundle.model) / 1e9:.2f}B params) in "
@@ -141,9 +145,10 @@ def run_size(size, args, device, dtype, bandwidth, flops_peak, deadline, failure
     points = [(f"{size}: sampler, batch {batch}",
                partial(sampler_point, bundle, size, batch,
                        (None, *args.compile) if batch in args.compile_batches else (None,), bandwidth))
-              for batch in args.batches]
-    points += [(f"{size}: scoring", partial(scoring_point, bundle, size, plan["images"])),
-               (f"{size}: training", partial(training_point, bundle, size, plan, flops_peak))]  # last: adds LoRA
+              for batch in args.batches if "sampler" in args.points]
+    points += [(f"{size}: scoring", partial(scoring_point, bundle, size, plan["images"]))] * ("scoring" in args.points)
+    points += [(f"{size}: training", partial(training_point, bundle, size, plan, flops_peak))] * (
+        "training" in args.points)  # last: it adds LoRA to the model
     for name, fn in points:
         attempt(name, fn, deadline, failures, device)
     del bundle, points
@@ -156,12 +161,17 @@ def run_size(size, args, device, dtype, bandwidth, flops_peak, deadline, failure
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=sorted(PLAN))
+    parser.add_argument("--points", nargs="+", default=["sampler", "scoring", "training"],
+                        choices=["sampler", "scoring", "training"], help="which benchmarks to run (e.g. to rerun one)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--compile", nargs="*", default=None,
                         help="torch.compile modes to time beside eager (default reduce-overhead; none given: eager "
                              "only; --dry-run: eager only unless given)")
     parser.add_argument("--compile-batches", nargs="*", type=int, default=[1, 64],
                         help="sampler batch sizes at which the compile modes are timed (each compiles anew)")
+    parser.add_argument("--train-pairs", type=int, default=None, help="pairs per training step (default: the plan's)")
+    parser.add_argument("--checkpointing", choices=["plan", "on", "off"], default="plan",
+                        help="gradient checkpointing of the training point (plan: off for 1b, on for 7b)")
     parser.add_argument("--budget-s", type=float, default=480, help="start no new point after this many seconds")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the card, if not in the table")
     parser.add_argument("--dry-run", action="store_true", help="CPU, fp32, toy size, batches 1 2")

@@ -354,7 +354,7 @@ def evaluate(questions: pa.Table, bundle, cfg: EvalConfig) -> pa.Table:
     if jobs:
         samples = sample_images(bundle, [row["prompt"] for row, _, _ in jobs], cfg_weight=cfg.cfg_weight,
                                 temperature=cfg.temperature, seed=[seed for _, _, seed in jobs],
-                                batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, compile_mode=cfg.compile_mode)
         scores = score_yes_no(bundle, samples.images, [row["questions"] for row, _, _ in jobs],
                               batch_size=cfg.batch_size)
         scored = {(row["prompt_id"], k): (image, s) for (row, k, _), image, s in zip(jobs, samples.images, scores)}

@@ -76,6 +76,15 @@ def test_seeds_and_batch_composition(tiny):
     assert imgs[0].mode == "RGB" and imgs[0].size == (64, 64)
 
 
+def test_auto_compile_mode_is_eager_on_the_cpu_and_bad_modes_are_named(tiny):
+    # The render and eval stages default to "auto" (CUDA graphs on a GPU): on the CPU it is the eager sampler.
+    eager = sample_images(tiny, PROMPTS, seed=[1, 2, 3]).tokens
+    assert torch.equal(sample_images(tiny, PROMPTS, seed=[1, 2, 3], compile_mode="auto").tokens, eager)
+    assert torch.equal(sample_images(tiny, PROMPTS, seed=[1, 2, 3], compile_mode="eager").tokens, eager)
+    with pytest.raises(ValueError, match="compile_mode must be one of .*'reduce-overhead'.* got 'graphs'"):
+        sample_images(tiny, PROMPTS, compile_mode="graphs")
+
+
 def test_shared_prefix_scoring_equals_full_forward(tiny):
     images = sample_images(tiny, PROMPTS[:2], seed=[3, 4]).images
     questions = [["Is there a red apple?", "Is the apple on a table?", "Is there a wooden table?", "Are there two?"],

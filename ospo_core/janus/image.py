@@ -8,7 +8,8 @@ l = l_u + w * (l_c - l_u), then a per-row sample (greedy or inverse-CDF from the
 Nothing is allocated per step: the KV cache, the attention mask and the position ids are made once for the whole
 sequence (prompt + N image tokens) and each step reads a slice of them; the next token's embedding is written into
 one reused buffer. Attention reads only the written part of the cache (`PrefixCache`). The per-token step can be
-compiled (`compile_mode=` a `torch.compile` mode; "reduce-overhead" adds CUDA graphs on GPU); eager is the default.
+compiled (`compile_mode=` a `torch.compile` mode; "reduce-overhead" adds CUDA graphs on GPU; "auto" is CUDA graphs
+on a GPU and eager on the CPU); eager is the default.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ospo_core.janus.text import positions_from_mask
 # Attention reads the cache in blocks of this many positions (and the cache length is a whole number of blocks):
 # ~10 distinct shapes over a 576-token image, so a compiled step is recompiled / re-graphed a handful of times.
 KV_BLOCK = 64
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = (None, "eager", "auto", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -114,8 +115,9 @@ def sample_image_tokens(
 ) -> torch.Tensor:
     """`sample_images` without the VQ decoder: (B, N) image-token ids, one row per prompt.
 
-    `compile_mode` is a `torch.compile` mode for the per-token step, None for eager. It changes the speed, not the
-    distribution; the first batch pays the compilation (tens of seconds), so it pays off on long GPU runs only.
+    `compile_mode` is a `torch.compile` mode for the per-token step, None or "eager" for none, "auto" for CUDA graphs
+    on a GPU and eager on the CPU. It changes the speed, not the distribution (in fp32; bf16 kernels round
+    differently); the first batch pays the compilation (about a minute), so it pays off on long GPU runs only.
     """
     if not prompts:
         raise ValueError("sample_images got no prompts")
@@ -124,13 +126,15 @@ def sample_image_tokens(
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
     if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be a torch.compile mode {COMPILE_MODES[1:]} or None (eager), "
-                         f"got {compile_mode!r}")
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES[1:]} or None (eager), got {compile_mode!r}")
+    if compile_mode == "auto":  # the step is launch-bound on a GPU: CUDA graphs 2.2-4.3x (bench/RESULTS.md)
+        compile_mode = "reduce-overhead" if bundle.device.type == "cuda" else None
     seeds = as_seeds(seed, len(prompts))
     # dynamic=None: the attention span (a Python int on the cache) turns symbolic after its first change, so the
     # step compiles a few times, and CUDA graphs ("reduce-overhead") are recorded once per KV block. Not fullgraph:
     # past torch's recompile limit (many batch or prompt lengths) a step falls back to eager instead of failing.
-    step = torch.compile(guided_logits, mode=compile_mode, dynamic=None) if compile_mode else guided_logits
+    compiled = compile_mode not in (None, "eager")
+    step = torch.compile(guided_logits, mode=compile_mode, dynamic=None) if compiled else guided_logits
     caches: dict[int, PrefixCache] = {}  # one per batch size, reused by every batch: CUDA graphs keep their inputs
     tokens = []
     for start in range(0, len(prompts), batch_size):

@@ -24,7 +24,8 @@ def render(dense: pa.Table, bundle, cfg: RenderConfig) -> pa.Table:
     if not jobs:
         return to_table([], IMAGES)
     sampled = sample_image_tokens(bundle, [j[2] for j in jobs], cfg_weight=cfg.cfg_weight,
-                                  temperature=cfg.temperature, seed=[j[3] for j in jobs], batch_size=cfg.batch_size)
+                                  temperature=cfg.temperature, seed=[j[3] for j in jobs], batch_size=cfg.batch_size,
+                                  compile_mode=cfg.compile_mode)
     if cfg.decoder == "testbed":  # the tokens are shapes-world cells: draw them (the VQ decoder is untrained)
         images = [draw_scene(t) for t in sampled.tolist()]
     else:

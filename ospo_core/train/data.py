@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
-from datasets import Dataset
 from PIL import Image
 
 from ospo_core.config import TrainConfig
@@ -16,6 +16,9 @@ from ospo_core.janus.load import JanusBundle
 from ospo_core.janus.score import check_image_tokens, encode_images
 from ospo_core.records import ok_rows
 from ospo_core.train.loss import object_weights
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 REQUIRED = ("item_id", "prompt", "rejected_prompt", "chosen", "rejected", "chosen_tokens", "rejected_tokens", "ok")
 
@@ -53,6 +56,8 @@ def pairs_to_dataset(
     }
     if cfg.object_weighting:
         data["chosen_weights"], data["rejected_weights"] = _mask_weights(rows, masks, bundle.grid, cfg)
+    from datasets import Dataset  # here, not at the top: the collator and benchmarks (bench/gpu.sh) run without it
+
     return Dataset.from_dict(data)
 
 
