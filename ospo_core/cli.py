@@ -56,10 +56,24 @@ def set_path(document: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def build_round_config(args: argparse.Namespace):
-    """Preset, then --config file, then --model/--round, then each --set: validated once, at the end."""
+def validated(model_cls, document: dict, sets: list[str] | None, what: str, example: str):
+    """Each --set key=value applied to `document`, then one validation whose error names every bad key."""
     from pydantic import ValidationError
 
+    for item in sets or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set {example}")
+        key, value = item.split("=", 1)
+        set_path(document, key.strip(), parse_value(value))
+    try:
+        return model_cls.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid {what} config: {problems}") from exc
+
+
+def build_round_config(args: argparse.Namespace):
+    """Preset, then --config file, then --model/--round, then each --set: validated once, at the end."""
     from ospo_core.config import PRESETS, RoundConfig, deep_update
 
     preset = args.preset or ("demo" if args.model == "tiny" else "paper")
@@ -77,16 +91,7 @@ def build_round_config(args: argparse.Namespace):
     document["model"] = args.model
     if args.round:
         document["round_id"] = args.round
-    for item in args.set or []:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=20")
-        key, value = item.split("=", 1)
-        set_path(document, key.strip(), parse_value(value))
-    try:
-        return RoundConfig.model_validate(document), preset
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid round config: {problems}") from exc
+    return validated(RoundConfig, document, args.set, "round", "train.max_steps=20"), preset
 
 
 # ---------------------------------------------------------------- commands
@@ -366,8 +371,6 @@ def _stop(child: subprocess.Popen, grace: float = 20) -> None:
 def build_eval_config(args: argparse.Namespace, tiny: bool):
     """--preset (demo for the tiny model: one image per prompt, structured question fallback), then --prompts,
     --limit, --images and each --set, validated once."""
-    from pydantic import ValidationError
-
     from ospo_core.config import EVAL_PRESETS, EvalConfig, deep_update
 
     preset = args.preset or ("demo" if tiny else "paper")
@@ -382,16 +385,7 @@ def build_eval_config(args: argparse.Namespace, tiny: bool):
         document["limit"] = args.limit
     if args.images is not None:
         document["images_per_prompt"] = args.images
-    for item in args.set or []:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set questions.fallback=structured")
-        key, value = item.split("=", 1)
-        set_path(document, key.strip(), parse_value(value))
-    try:
-        return EvalConfig.model_validate(document), preset
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid eval config: {problems}") from exc
+    return validated(EvalConfig, document, args.set, "eval", "questions.fallback=structured"), preset
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -460,25 +454,15 @@ def _rounds(args: argparse.Namespace) -> int:
 
 def build_testbed_config(args: argparse.Namespace):
     """--rounds/--seeds/--settings/--judge, then each --set (keys of TestbedConfig, e.g. round.train.max_steps)."""
-    from pydantic import ValidationError
-
-    from ospo_core.config import TESTBED_SETTINGS, TestbedConfig
+    from ospo_core.config import TestbedConfig
 
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: need at least one seed")
-    document = {"rounds": args.rounds, "seeds": list(range(args.seeds)),
-                "settings": args.settings.split(",") if args.settings else list(TESTBED_SETTINGS),
-                "round": {"vqa": {"judge": args.judge}}}
-    for item in args.set or []:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set round.train.max_steps=20")
-        key, value = item.split("=", 1)
-        set_path(document, key.strip(), parse_value(value))
-    try:
-        return TestbedConfig.model_validate(document)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid testbed config: {problems}") from exc
+    # A partial `round` changes the testbed preset (TestbedConfig merges it), so --set only names what it changes.
+    document = {"rounds": args.rounds, "seeds": list(range(args.seeds)), "round": {"vqa": {"judge": args.judge}}}
+    if args.settings:
+        document["settings"] = args.settings.split(",")
+    return validated(TestbedConfig, document, args.set, "testbed", "round.train.max_steps=20")
 
 
 def _testbed(args: argparse.Namespace) -> int:
