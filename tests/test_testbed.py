@@ -16,7 +16,7 @@ from ospo_core.stages.perturb import perturb
 from ospo_core.stages.prompts import generate_prompts
 from ospo_core.stages.questions import generate_questions
 from ospo_core.stages.vqa import self_vqa
-from ospo_core.testbed.ablation import read_tables, run_ablation
+from ospo_core.testbed.ablation import read_tables, run_testbed
 from ospo_core.testbed.evaluate import score_scene
 from ospo_core.testbed.oracle import answer, oracle_scores
 from ospo_core.testbed.pretrain import checkpoint_meta, ensure_checkpoint
@@ -226,10 +226,19 @@ def checkpoint(request, one_thread):
 
 @pytest.mark.slow
 def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
-    rows = run_ablation(SMALL, checkpoint, tmp_path, log=lambda message: None)
+    """`ospo testbed`'s own function on the cached start model: the gain, and every output the README lists."""
+    from PIL import Image
+
+    run_dir, table = run_testbed(SMALL, tmp_path, checkpoint, log=lambda message: None)
+    rows = json.loads((run_dir / "results.json").read_text())
     exact = {r["round"]: r["exact"] for r in rows if r["category"] == "all"}
     assert exact[2] >= exact[0] + 0.05, exact
-    round_2 = read_tables(tmp_path / "seed-0" / "ospo" / "round-2")
+    assert (run_dir / "results.md").read_text().strip() == table.strip()
+    assert f"| ospo | {exact[0]:.3f} | {exact[1]:.3f} | {exact[2]:.3f} |" in table
+    for picture in ("ablation.png", "samples.png"):
+        with Image.open(run_dir / picture) as image:
+            assert image.width > 200 and image.height > 100
+    round_2 = read_tables(run_dir / "seed-0" / "ospo" / "round-2")
     assert {"pairs", "vqa", "train_history", "testbed_eval"} <= set(round_2)
 
 

@@ -46,17 +46,22 @@ def draw_scene(tokens: list[int], world: World = WORLD, cell: int = 16) -> Image
 
 
 def scene_sheet(
-    rows: list[tuple[str, list[tuple[str, list[int]]]]], world: World = WORLD, cell: int = 24, text_width: int = 300
+    rows: list[tuple[str, list[tuple[str, list[int]]]]], world: World = WORLD, cell: int = 24, max_text_width: int = 300
 ) -> Image.Image:
-    """A labelled grid of scenes: one line per (caption, [(label, tokens), ...]), each scene with its label above."""
+    """A labelled grid of scenes: one line per (caption, [(label, tokens), ...]), each scene with its label above.
+    The caption column is as wide as the longest caption, up to `max_text_width` pixels (longer ones are cut)."""
     scene = world.grid * cell
     label_height = 14
     columns = max(len(scenes) for _, scenes in rows)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = min(max_text_width, 12 + max(int(measure.textlength(caption)) for caption, _ in rows))
     sheet = Image.new("RGB", (text_width + columns * (scene + 8), len(rows) * (scene + label_height + 8)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (caption, scenes) in enumerate(rows):
         top = r * (scene + label_height + 8)
-        draw.text((4, top + label_height + scene // 2 - 6), caption[: text_width // 6], fill="black")
+        while caption and draw.textlength(caption) > text_width - 8:
+            caption = caption[:-1]
+        draw.text((4, top + label_height + scene // 2 - 6), caption, fill="black")
         for c, (label, tokens) in enumerate(scenes):
             left = text_width + c * (scene + 8)
             draw.text((left, top), label, fill="black")
