@@ -94,7 +94,8 @@ class TrainConfig(StageConfig):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (cosine).")
     min_lr: float = Field(1e-6, ge=0, description="Final learning rate of the cosine schedule.")
     max_steps: int = Field(500, ge=1, description="Optimizer steps. Paper: 500 steps of 128 pairs.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch (each pair = 3 sequences).")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch (each pair = 3 sequences). A CUDA "
+                            "out-of-memory error shrinks it and raises gradient accumulation to match.")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(

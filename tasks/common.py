@@ -166,7 +166,11 @@ def read_ref(ref: dict) -> pa.Table:
 
 
 def with_oom_backoff(run: Callable[[Any], pa.Table], cfg, log=print) -> pa.Table:
-    """Run; on a CUDA out-of-memory error halve cfg.batch_size and go on (down to 1), instead of failing the round."""
+    """Run; on a CUDA out-of-memory error halve cfg.batch_size and go on (down to 1), instead of failing the round.
+
+    A training config keeps its pairs per optimizer step: the micro-batch drops to the largest divisor of it that
+    is at most half, and gradient accumulation grows by the same factor (8 x 4 -> 4 x 8; 6 x 4 -> 3 x 8).
+    """
     import torch
 
     while True:
@@ -177,8 +181,14 @@ def with_oom_backoff(run: Callable[[Any], pa.Table], cfg, log=print) -> pa.Table
             if size <= 1:
                 raise
             torch.cuda.empty_cache()
-            cfg = cfg.model_copy(update={"batch_size": size // 2})
-            log(f"CUDA out of memory: retrying with batch_size={cfg.batch_size}")
+            if hasattr(cfg, "gradient_accumulation_steps"):
+                smaller = next(d for d in range(size // 2, 0, -1) if size % d == 0)
+                update = {"batch_size": smaller,
+                          "gradient_accumulation_steps": cfg.gradient_accumulation_steps * (size // smaller)}
+            else:
+                update = {"batch_size": size // 2}
+            cfg = cfg.model_copy(update=update)
+            log("CUDA out of memory: retrying with " + ", ".join(f"{k}={v}" for k, v in update.items()))
 
 
 ShardMap = Callable[[list[tuple[int, Any]]], Iterator[tuple[int, pa.Table]]]

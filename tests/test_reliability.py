@@ -185,3 +185,64 @@ def test_no_code_unpickles_or_trusts_remote_code():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ---------------------------------------------------------------- CUDA out of memory
+
+
+def test_oom_backoff_halves_the_batch_and_training_keeps_pairs_per_step():
+    from ospo_core.config import RenderConfig, TrainConfig
+    from tasks.common import with_oom_backoff
+
+    def run_fitting(limit):  # a stage that runs out of memory above `limit` rows per batch
+        seen = []
+
+        def run(cfg):
+            seen.append((cfg.batch_size, getattr(cfg, "gradient_accumulation_steps", None)))
+            if cfg.batch_size > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return "done"
+        return run, seen
+
+    run, seen = run_fitting(2)
+    assert with_oom_backoff(run, RenderConfig(batch_size=8), log=lambda m: None) == "done"
+    assert seen == [(8, None), (4, None), (2, None)]
+
+    run, seen = run_fitting(2)
+    messages = []
+    with_oom_backoff(run, TrainConfig(batch_size=6, gradient_accumulation_steps=4), log=messages.append)
+    assert seen == [(6, 4), (3, 8), (1, 24)]  # 24 pairs per optimizer step throughout
+    assert messages[-1] == "CUDA out of memory: retrying with batch_size=1, gradient_accumulation_steps=24"
+
+    run, seen = run_fitting(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to halve: the stage fails and says why
+        with_oom_backoff(run, RenderConfig(batch_size=2), log=lambda m: None)
+    assert seen == [(2, None), (1, None)]
+
+
+def test_out_of_memory_in_a_data_parallel_training_process_reaches_the_back_off(tmp_path, monkeypatch):
+    import io
+
+    from ospo_core.config import TrainConfig
+    from ospo_core.train import launch
+
+    class DyingRun:  # torch.distributed.run whose worker ran out of memory
+        def __init__(self, output: str):
+            self.stdout, self.returncode = io.StringIO(output), 1
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    job = launch.TrainJob(model="tiny", fingerprint="f", pairs=str(tmp_path / "pairs"), train=TrainConfig(),
+                          output_dir=str(tmp_path / "train"))
+    crash = "Traceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB\n"
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: DyingRun(crash))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="(?s)2 processes.*CUDA out of memory"):
+        launch.train_data_parallel(job, 2)
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: DyingRun("ValueError: bad pairs\n"))
+    with pytest.raises(RuntimeError, match="(?s)exit code 1.*bad pairs") as failed:
+        launch.train_data_parallel(job, 2)
+    assert not isinstance(failed.value, torch.cuda.OutOfMemoryError)

@@ -76,8 +76,11 @@ def train_data_parallel(job: TrainJob, num_processes: int,
             else:
                 tail.append(line)
     if proc.returncode != 0:
-        raise RuntimeError(f"data-parallel training ({num_processes} processes) failed with exit code "
-                           f"{proc.returncode}; its last output:\n{''.join(tail)}")
+        message = (f"data-parallel training ({num_processes} processes) failed with exit code {proc.returncode}; "
+                   f"its last output:\n{''.join(tail)}")
+        if any("OutOfMemoryError" in line for line in tail):  # so the stage's OOM back-off applies here too
+            raise torch.cuda.OutOfMemoryError(message)
+        raise RuntimeError(message)
     return store.read_table(job.history_dir, TRAIN_HISTORY, name="train_history")
 
 
