@@ -8,6 +8,7 @@ work done, whatever else runs), and every run is printed.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -17,6 +18,20 @@ from collections.abc import Callable
 from datetime import date
 
 import torch
+
+
+def parse_args(doc: str, argv, options: dict[str, dict]) -> argparse.Namespace:
+    """A benchmark's command line: --size, --repeats, --threads, then `options` ({flag: add_argument keywords});
+    sets the torch thread count (one by default, see bench/__main__.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size", default="mid")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/__main__.py)")
+    for flag, keywords in options.items():
+        parser.add_argument(flag, **keywords)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def device_label(device: torch.device) -> str:

@@ -9,12 +9,11 @@ position ids and ours does not (a padded row is a different computation there, n
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 
-from bench.harness import emit, ratios, side_by_side, summary
+from bench.harness import emit, parse_args, ratios, side_by_side, summary
 from bench.models import build_janus_for_bench, parameter_count
 from ospo_core.janus.image import gen_prompt_batch, sample_image_tokens
 
@@ -100,14 +99,8 @@ def run(size: str = "mid", batch: int = 2, repeats: int = 2, device: str = "cpu"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="mid")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/__main__.py)")
-    parser.add_argument("--compile", default=None, help="also time our sampler under this torch.compile mode")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, argv, {"--batch": dict(type=int, default=2), "--compile": dict(
+        default=None, help="also time our sampler under this torch.compile mode")})
     run(args.size, args.batch, args.repeats, compile_mode=args.compile)
 
 

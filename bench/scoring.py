@@ -9,13 +9,12 @@ must agree within 1e-5: the benchmark fails if they do not.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.harness import emit, ratios, side_by_side, summary
+from bench.harness import emit, parse_args, ratios, side_by_side, summary
 from bench.models import IMAGE_SIZE, build_janus_for_bench, parameter_count
 from ospo_core.janus.score import score_yes_no
 
@@ -69,14 +68,7 @@ def measure(bundle, size: str, images: int, questions: int, repeats: int) -> dic
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="mid")
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--questions", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/__main__.py)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, argv, {"--images": dict(type=int, default=2), "--questions": dict(type=int, default=4)})
     run(args.size, args.images, args.questions, args.repeats)
 
 

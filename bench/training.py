@@ -11,12 +11,11 @@ Peak memory is the step's growth of resident memory (CPU) or of allocated CUDA m
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from bench.harness import emit, ratios, side_by_side, summary
+from bench.harness import emit, parse_args, ratios, side_by_side, summary
 from bench.models import build_janus_for_bench, parameter_count
 from bench.sampler import COLORS, OBJECTS
 from ospo_core.janus.load import LORA_TARGET_REGEX
@@ -107,14 +106,8 @@ def measure(bundle, size: str, pairs: int, repeats: int, gradient_checkpointing:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="mid")
-    parser.add_argument("--pairs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/__main__.py)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, argv, {"--pairs": dict(type=int, default=1),
+                                      "--gradient-checkpointing": dict(action="store_true")})
     run(args.size, args.pairs, args.repeats, gradient_checkpointing=args.gradient_checkpointing)
 
 

@@ -505,7 +505,7 @@ class TestbedConfig(StageConfig):
     workers: int = Field(2, ge=1, le=64, description="Seeds run side by side in this many processes (one per core "
                          "of a 2-core machine by default); the results do not depend on it.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The start model.")
-    round: RoundConfig = Field(default_factory=lambda: RoundConfig.model_validate(TESTBED_OVERRIDES),
+    round: RoundConfig = Field(default_factory=dict, validate_default=True,  # {} -> the testbed preset, below
                                description="Settings of every round (the 'testbed' preset); its model is replaced "
                                "by the pre-trained checkpoint and its train section by each setting's override.")
 

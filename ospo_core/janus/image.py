@@ -84,20 +84,9 @@ def gen_prompt_batch(bundle: JanusBundle, prompts: list[str]) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def sample_images(
-    bundle: JanusBundle,
-    prompts: list[str],
-    *,
-    cfg_weight: float = 5.0,
-    temperature: float = 1.0,
-    seed: int | list[int] = 0,
-    greedy: bool = False,
-    batch_size: int = 8,
-    compile_mode: str | None = None,
-) -> ImageSamples:
-    """Draw one image per prompt. `seed` is one integer per prompt (or one for all); each row has its own RNG."""
-    tokens = sample_image_tokens(bundle, prompts, cfg_weight=cfg_weight, temperature=temperature, seed=seed,
-                                 greedy=greedy, batch_size=batch_size, compile_mode=compile_mode)
+def sample_images(bundle: JanusBundle, prompts: list[str], **sampling) -> ImageSamples:
+    """Draw one image per prompt: `sample_image_tokens` (same keyword arguments), then the VQ decoder."""
+    tokens = sample_image_tokens(bundle, prompts, **sampling)
     return ImageSamples(tokens=tokens, images=decode_images(bundle, tokens))
 
 
@@ -113,7 +102,8 @@ def sample_image_tokens(
     batch_size: int = 8,
     compile_mode: str | None = None,
 ) -> torch.Tensor:
-    """`sample_images` without the VQ decoder: (B, N) image-token ids, one row per prompt.
+    """One image per prompt as (B, N) image-token ids. `seed` is one integer per prompt (or one for all); each row
+    has its own RNG.
 
     `compile_mode` is a `torch.compile` mode for the per-token step, None or "eager" for none, "auto" for CUDA graphs
     on a GPU and eager on the CPU. It changes the speed, not the distribution (in fp32; bf16 kernels round
