@@ -130,7 +130,9 @@ def test_replace_and_drop_always_change_the_scene():
                 if method == "drop" and len(d.groups) == 1:
                     assert negative is None
                 else:
-                    assert negative.key() != d.key() and len(negative.groups) <= len(d.groups)
+                    assert negative.key() != d.key()
+                    assert WORLD.parse(WORLD.caption(negative)) == negative  # a caption the world can write
+                    assert len(negative.groups) == (1 if method == "drop" else len(d.groups))
 
 
 def test_testbed_text_stages_write_world_captions_negatives_and_questions():
@@ -142,6 +144,7 @@ def test_testbed_text_stages_write_world_captions_negatives_and_questions():
     assert prompts.column("item_id").to_pylist()[:3] == ["0000000", "0000001", "0000002"]
     negatives = perturb(prompts, None, cfg.perturb)
     assert negatives.num_rows == 18 * 3
+    assert sum(negatives.column("ok").to_pylist()) >= 0.9 * negatives.num_rows
     for row in negatives.to_pylist():  # failures are kept with their reason, never dropped
         assert row["ok"] or row["reason"] == f"nothing_to_{row['perturbation']}"
         if row["ok"]:
@@ -167,10 +170,11 @@ def test_a_model_written_prompt_reaching_a_testbed_stage_is_kept_and_marked():
 
 
 def test_self_vqa_with_the_oracle_judge_reads_the_image_tokens():
+    # Each PNG shows the other side's grid: the answers must follow the tokens, not the picture.
     images = to_table([{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
-                        "side": side, "k": 0, "seed": 0, "prompt": "p", "image": image_cell(draw_scene(grid)),
+                        "side": side, "k": 0, "seed": 0, "prompt": "p", "image": image_cell(draw_scene(picture)),
                         "image_tokens": grid, "ok": True}
-                       for side, grid in (("base", GRID), ("negative", [E] * 16))], IMAGES)
+                       for side, grid, picture in (("base", GRID, [E] * 16), ("negative", [E] * 16, GRID))], IMAGES)
     questions = to_table([{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
                            "side": "base", "k": -1, "prompt": "p", "ok": True,
                            "questions": ["Is there one red square?", "Is there a dog?"]}], QUESTIONS)
@@ -259,7 +263,7 @@ def test_a_testbed_round_runs_through_the_flow(prefect, checkpoint, tmp_path):
         return store.read_table(Path(manifest["tables"][name]["path"]), SCHEMAS[name], name=name).to_pylist()
 
     assert {r["source"] for r in table("negatives")} == {"testbed"}
-    assert {(r["p_yes"], r["p_no"]) for r in table("vqa")} <= {(1.0, 0.0), (0.0, 1.0)}
+    assert table("vqa") and {(r["p_yes"], r["p_no"]) for r in table("vqa")} <= {(1.0, 0.0), (0.0, 1.0)}
     image = table("images")[0]
     assert decode_image(image["image"]).tobytes() == draw_scene(image["image_tokens"]).tobytes()
     pairs = [r for r in table("pairs") if r["ok"]]

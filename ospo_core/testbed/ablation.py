@@ -20,6 +20,7 @@ Layout of the run folder: `seed-<s>/start/testbed_eval`, `seed-<s>/round-1-data/
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,7 @@ from PIL import Image
 
 from ospo_core import store
 from ospo_core.config import TESTBED_SETTINGS, RoundConfig, TestbedConfig
-from ospo_core.janus.load import JanusBundle, load_janus
+from ospo_core.janus.load import JanusBundle, apply_adapter, load_janus
 from ospo_core.records import SCHEMAS, ok_rows
 from ospo_core.stages.common import row_seed
 from ospo_core.stages.densify import densify
@@ -48,9 +49,6 @@ from ospo_core.testbed.render import scene_sheet
 from ospo_core.testbed.report import results_plot, results_table
 from ospo_core.testbed.world import CATEGORIES
 from ospo_core.train.trainer import train_ospo
-
-ROUND_TABLES = ("prompts", "negatives", "dense", "images", "questions", "vqa", "pairs")
-
 
 def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
     """Stages 1-3 of a round (prompts -> pairs) with the round's start model, as flows/round.py orders them."""
@@ -85,9 +83,7 @@ def _write(tables: dict[str, pa.Table | None], folder: Path) -> None:
 
 def _evaluate(cfg: TestbedConfig, bundle: JanusBundle, seed: int, folder: Path) -> dict[str, dict[str, float]]:
     """Held-out metrics of a model (its scenes written to folder/testbed_eval), sampled as the rounds render."""
-    render_cfg = cfg.round.render
-    table = evaluate_scenes(bundle, samples=cfg.eval_samples, seed=seed, cfg_weight=render_cfg.cfg_weight,
-                            temperature=render_cfg.temperature, batch_size=render_cfg.batch_size)
+    table = evaluate_scenes(bundle, cfg.round.render, samples=cfg.eval_samples, seed=seed)
     _write({"testbed_eval": table}, folder)
     return summarize(table)
 
@@ -110,7 +106,6 @@ def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log
     shared = round_data(round_config(cfg, checkpoint, seed, 1, cfg.settings[0]), start)
     _write(shared, run_dir / f"seed-{seed}" / "round-1-data")
     for setting in cfg.settings:
-        adapters: list[str] = []
         bundle = start
         for round_n in range(1, cfg.rounds + 1):
             config = round_config(cfg, checkpoint, seed, round_n, setting)
@@ -126,12 +121,13 @@ def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log
                 masks = (object_masks(data["pairs"], data["prompts"], bundle, config.masks)
                          if config.train.object_weighting else None)
                 started = time.perf_counter()
-                trainee = load_janus(checkpoint, adapters=tuple(adapters))  # training takes ownership of it
-                result = train_ospo(data["pairs"], trainee, config.train, folder / "train", masks=masks, resume=False)
+                # Copies: training adds LoRA layers to its model and merging changes weights in place, and
+                # `bundle` may be the start model every setting shares.
+                result = train_ospo(data["pairs"], copy.deepcopy(bundle), config.train, folder / "train",
+                                    masks=masks, resume=False)
                 seconds = time.perf_counter() - started
                 _write({"masks": masks, "train_history": result.history}, folder)
-                adapters.append(str(result.adapter_dir))
-                bundle = load_janus(checkpoint, adapters=tuple(adapters))
+                bundle = apply_adapter(copy.deepcopy(bundle), result.adapter_dir)
             rows += _rows(_evaluate(cfg, bundle, seed, folder), log, seed=seed, setting=setting, round=round_n,
                           pairs=pairs, train_seconds=seconds)
     return rows
@@ -163,16 +159,18 @@ def run_ablation(cfg: TestbedConfig, checkpoint: str | Path, run_dir: str | Path
 
 def read_tables(folder: Path) -> dict[str, pa.Table]:
     """The tables a testbed round folder holds (for inspection and tests)."""
-    return {name: store.read_table(store.table_dir(folder, name), SCHEMAS[name], name=name)
-            for name in (*ROUND_TABLES, "masks", "train_history", "testbed_eval")
-            if store.table_dir(folder, name).is_dir()}
+    return {name: _read(folder, name) for name in SCHEMAS if store.table_dir(folder, name).is_dir()}
+
+
+def _read(folder: Path, name: str) -> pa.Table:
+    return store.read_table(store.table_dir(folder, name), SCHEMAS[name], name=name)
 
 
 def sample_sheet(run_dir: Path, cfg: TestbedConfig, per_category: int = 2) -> Image.Image:
     """Held-out captions of the first seed: the start model's scene, then each setting's after the last round."""
     seed = run_dir / f"seed-{cfg.seeds[0]}"
     folders = [("start", seed / "start")] + [(s, seed / s / f"round-{cfg.rounds}") for s in cfg.settings]
-    tables = [(label, read_tables(folder)["testbed_eval"].to_pylist()) for label, folder in folders]
+    tables = [(label, _read(folder, "testbed_eval").to_pylist()) for label, folder in folders]
     rows = []
     for category in CATEGORIES:
         picks = [i for i, r in enumerate(tables[0][1]) if r["category"] == category][:per_category]

@@ -19,22 +19,21 @@ import random
 import pyarrow as pa
 
 from ospo_core.janus.image import sample_image_tokens
+from ospo_core.config import RenderConfig
 from ospo_core.records import TESTBED_EVAL, to_table
 from ospo_core.stages.common import row_seed
-from ospo_core.testbed.oracle import answer
+from ospo_core.testbed.oracle import answers
 from ospo_core.testbed.world import CATEGORIES, WORLD, Description, World
 
-METRICS = ("exact", "recall", "hallucination")
 
-
-def heldout_prompts(world: World, samples: int) -> list[tuple[str, str, int]]:
-    """(category, caption, repeat) for `samples` draws per category over its held-out captions, fixed wording."""
+def heldout_prompts(world: World, samples: int) -> list[tuple[str, Description, int]]:
+    """(category, description, repeat) for `samples` draws per category over its held-out captions, fixed wording."""
     out = []
     for category in CATEGORIES:
         _, heldout = world.split(category)
         rng = random.Random(f"{world.split_seed}:{category}:wording")
-        captions = [world.caption(world.wording(d, rng)) for d in heldout]
-        out += [(category, captions[j % len(captions)], j // len(captions)) for j in range(samples)]
+        worded = [world.wording(d, rng) for d in heldout]
+        out += [(category, worded[j % len(worded)], j // len(worded)) for j in range(samples)]
     return out
 
 
@@ -45,32 +44,24 @@ def score_scene(world: World, tokens: list[int], d: Description) -> dict:
     for kind, _ in objects:
         drawn[kind] = drawn.get(kind, 0) + 1
     return {
-        "exact": all(answer(tokens, q, world) for q in world.questions(d)),
+        "exact": all(answers(tokens, world.questions(d), world)),
         "asked": d.objects,
         "found": sum(min(drawn.get(g.kind, 0), g.count) for g in d.groups),
         "drawn": len(objects),
     }
 
 
-def evaluate_scenes(
-    bundle,
-    *,
-    samples: int,
-    seed: int,
-    cfg_weight: float,
-    temperature: float = 1.0,
-    batch_size: int = 64,
-    world: World = WORLD,
-) -> pa.Table:
-    """records.TESTBED_EVAL: one row per drawn scene, `samples` per category."""
-    jobs = heldout_prompts(world, samples)
-    seeds = [row_seed(seed, caption, repeat) for _, caption, repeat in jobs]
-    tokens = sample_image_tokens(bundle, [caption for _, caption, _ in jobs], cfg_weight=cfg_weight,
-                                 temperature=temperature, seed=seeds, batch_size=batch_size).tolist()
+def evaluate_scenes(bundle, render: RenderConfig, *, samples: int, seed: int, world: World = WORLD) -> pa.Table:
+    """records.TESTBED_EVAL: one row per drawn scene, `samples` per category, drawn as `render` draws a round's."""
+    jobs = [(category, d, world.caption(d), repeat) for category, d, repeat in heldout_prompts(world, samples)]
+    seeds = [row_seed(seed, caption, repeat) for _, _, caption, repeat in jobs]
+    tokens = sample_image_tokens(bundle, [caption for _, _, caption, _ in jobs], cfg_weight=render.cfg_weight,
+                                 temperature=render.temperature, seed=seeds, batch_size=render.batch_size,
+                                 compile_mode=render.compile_mode).tolist()
     rows = []
-    for (category, caption, repeat), s, grid in zip(jobs, seeds, tokens):
+    for (category, d, caption, repeat), s, grid in zip(jobs, seeds, tokens):
         rows.append({"category": category, "prompt": caption, "k": repeat, "seed": s, "image_tokens": grid,
-                     **score_scene(world, grid, world.parse(caption))})
+                     **score_scene(world, grid, d)})
     return to_table(rows, TESTBED_EVAL)
 
 

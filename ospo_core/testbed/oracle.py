@@ -38,28 +38,35 @@ def _patterns(world: World) -> dict[str, re.Pattern]:
     }
 
 
-def answer(tokens: list[int], question: str, world: World = WORLD) -> bool | None:
-    """True/False for a question the oracle reads (see the module docstring), None for any other question."""
-    objects = world.objects(tokens)
-    text = " ".join(question.strip().rstrip("?").lower().split())
+def answers(tokens: list[int], questions: list[str], world: World = WORLD) -> list[bool | None]:
+    """True/False per question the oracle reads (see the module docstring), None for any other question."""
+    objects = world.objects(tokens)  # once per grid, whatever the number of questions
     patterns = _patterns(world)
 
     def cells(i: int, match: re.Match) -> list[tuple[int, int]]:
         kind = Kind(match[f"c{i}"], match[f"s{i}"])
         return [where for k, where in objects if k == kind]
 
-    if match := patterns["total"].fullmatch(text):
-        return len(objects) == NUMBER_WORDS.index(match["n"])
-    if match := patterns["count"].fullmatch(text):
-        return len(cells(1, match)) == NUMBER_WORDS.index(match["n"])
-    if match := patterns["exists"].fullmatch(text):
-        return bool(cells(1, match))
-    if match := patterns["relation"].fullmatch(text):
-        return world.holds(match["r"], cells(1, match), cells(2, match))
-    return None
+    def one(question: str) -> bool | None:
+        text = " ".join(question.strip().rstrip("?").lower().split())
+        if match := patterns["total"].fullmatch(text):
+            return len(objects) == NUMBER_WORDS.index(match["n"])
+        if match := patterns["count"].fullmatch(text):
+            return len(cells(1, match)) == NUMBER_WORDS.index(match["n"])
+        if match := patterns["exists"].fullmatch(text):
+            return bool(cells(1, match))
+        if match := patterns["relation"].fullmatch(text):
+            return world.holds(match["r"], cells(1, match), cells(2, match))
+        return None
+
+    return [one(q) for q in questions]
+
+
+def answer(tokens: list[int], question: str, world: World = WORLD) -> bool | None:
+    """`answers` for one question."""
+    return answers(tokens, [question], world)[0]
 
 
 def oracle_scores(tokens: list[int], questions: list[str], world: World = WORLD) -> list[tuple[float, float] | None]:
     """(p_yes, p_no) per question, 1/0 from the true answer; None where the oracle cannot read the question."""
-    answers = [answer(tokens, q, world) for q in questions]
-    return [None if a is None else YES if a else NO for a in answers]
+    return [None if a is None else YES if a else NO for a in answers(tokens, questions, world)]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ospo_core import store
 from ospo_core.config import PretrainConfig
 from ospo_core.janus.chat import unconditional_ids
 from ospo_core.janus.image import gen_prompt_batch
@@ -93,7 +94,7 @@ def pretrain(cfg: PretrainConfig, folder: str | Path, world: World = WORLD, log=
                 f"({time.perf_counter() - started:.0f}s)")
     model.eval()
     folder = save_janus(bundle, folder)
-    (folder / TESTBED_META).write_text(json.dumps(checkpoint_meta(cfg, world), indent=2))
+    store.write_json(folder / TESTBED_META, checkpoint_meta(cfg, world))  # last, atomic: marks it complete
     return folder
 
 

@@ -39,8 +39,7 @@ def structured_columns(world: World, d: Description) -> dict:
     nouns = [g.kind.shape + ("s" if g.count > 1 else "") for g in d.groups]
     phrases = [f"{g.kind.colour} {noun}" for g, noun in zip(d.groups, nouns)]
     attributes = [(noun, g.kind.colour) for g, noun in zip(d.groups, nouns)]
-    counted = d.category in ("numeracy1", "numeracy2", "complex")
-    counts = [(noun, g.count) for g, noun in zip(d.groups, nouns)] if counted else []
+    counts = [(noun, g.count) for g, noun in zip(d.groups, nouns)] if d.counted else []
     relations = [(phrases[0], d.relation, phrases[1])] if d.relation else []
     tuples = [f"({o}, {a})" for o, a in attributes] + [f"({o}, {n})" for o, n in counts]
     tuples += [f"({s}, {p}, {o})" for s, p, o in relations]

@@ -92,14 +92,18 @@ class Description:
             object.__setattr__(self, "numbered", False)
 
     @property
+    def counted(self) -> bool:
+        """Does the caption state counts (the numeracy and complex categories)?"""
+        return self.numbered or any(g.count > 1 for g in self.groups)
+
+    @property
     def category(self) -> str:
         """The prompt sub-category key this description belongs to (see the module table)."""
-        counted = self.numbered or any(g.count > 1 for g in self.groups)
         if self.relation is not None:
-            return "complex" if counted else "2D_spatial"
+            return "complex" if self.counted else "2D_spatial"
         if len(self.groups) == 1:
-            return "numeracy1" if counted else "color1"
-        return "numeracy2" if counted else "color2"
+            return "numeracy1" if self.counted else "color1"
+        return "numeracy2" if self.counted else "color2"
 
     def key(self) -> tuple:
         """Equal for two descriptions of the same scenes: "and" is unordered, "right of" is "left of" reversed."""
@@ -321,12 +325,11 @@ class World:
         return len({g.kind for g in d.groups}) == len(d.groups)
 
     def _replacements(self, d: Description) -> list[Description]:
-        counted = d.category in ("numeracy1", "numeracy2", "complex")
         options = []
         for i, g in enumerate(d.groups):
             new_groups = [Group(Kind(c, g.kind.shape), g.count) for c in self.colours if c != g.kind.colour]
             new_groups += [Group(Kind(g.kind.colour, s), g.count) for s in self.shapes if s != g.kind.shape]
-            if counted:
+            if d.counted:
                 new_groups += [Group(g.kind, n) for n in range(1, self.max_count + 1) if n != g.count]
             options += [replace(d, groups=d.groups[:i] + (new,) + d.groups[i + 1 :]) for new in new_groups]
         if d.relation:
