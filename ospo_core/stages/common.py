@@ -8,6 +8,9 @@ import pyarrow as pa
 
 from ospo_core.records import check_schema
 
+# The columns that identify an item in every stage table after PROMPTS.
+ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
+
 
 def row_seed(*parts: object) -> int:
     """A 63-bit seed from a stable hash of `parts`, e.g. row_seed(cfg.seeds[k], item_id).

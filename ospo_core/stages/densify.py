@@ -26,14 +26,14 @@ COLUMNS = ["item_id", "t2i_category", "sub_category", "k", "prompt", "negative_p
 
 def densify(negatives: pa.Table, bundle, cfg: DensifyConfig) -> pa.Table:
     """NEGATIVES (its ok rows) -> DENSE, one row per (item, k)."""
-    if cfg.source == "testbed":  # a shapes-world caption already names every object of its scene
-        return testbed_dense(negatives, cfg)
     pairs = ok_input_rows(negatives, NEGATIVES, COLUMNS, table_name="negatives", stage="densify")
     for pair in pairs:
         if not 0 <= pair["k"] < len(cfg.seeds):
             raise ValueError(f"densify: negative {pair['item_id']} has k={pair['k']}, but seeds cover k = 0.."
                              f"{len(cfg.seeds) - 1}; pass the table written by perturb")
     seeds = [row_seed(cfg.seeds[p["k"]], p["item_id"]) for p in pairs]
+    if cfg.source == "testbed":  # a shapes-world caption already names every object of its scene
+        return testbed_dense(pairs, seeds)
     outputs = generate_text(
         bundle,
         [dense_chat(p["sub_category"], p["prompt"], p["negative_prompt"]) for p in pairs],

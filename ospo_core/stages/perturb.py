@@ -23,12 +23,11 @@ import pyarrow as pa
 from ospo_core.config import PerturbConfig
 from ospo_core.janus.text import generate_text
 from ospo_core.records import NEGATIVES, PROMPTS, to_table
-from ospo_core.stages.common import ok_input_rows, row_seed
+from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
 from ospo_core.templates import negative_chat, perturbations_for, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_word, parse_negative, word_pattern
 from ospo_core.testbed.text import testbed_negatives
 
-ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 Pools = dict[str, dict[str, dict[str, None]]]  # scope (sub_category or "*") -> kind -> ordered set of words
 
@@ -39,8 +38,6 @@ def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.
     `round_prompts`: the round's whole prompts table when `prompts` is a slice of it (a stage spread over workers);
     the structured fallback draws its words from the whole round, so a slice gives the rows the whole table would.
     """
-    if cfg.source == "testbed":  # replace / swap / drop on the shapes-world caption's structure, no model call
-        return testbed_negatives(prompts, cfg)
     structured = cfg.fallback == "structured"
     columns = [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])]
     items = ok_input_rows(prompts, PROMPTS, columns, table_name="prompts", stage="perturb")
@@ -49,6 +46,8 @@ def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.
         for item in items
         for k, method in enumerate(perturbations_for(item["sub_category"]))
     ]
+    if cfg.source == "testbed":  # replace / swap / drop on the shapes-world caption's structure, no model call
+        return testbed_negatives(jobs)
     outputs = generate_text(
         bundle,
         [negative_chat(item["sub_category"], method, item["prompt"], seed=seed) for item, _, method, seed in jobs],

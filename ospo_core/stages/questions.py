@@ -18,12 +18,11 @@ import pyarrow as pa
 from ospo_core.config import QuestionsConfig
 from ospo_core.janus.text import generate_text
 from ospo_core.records import NEGATIVES, PROMPTS, QUESTIONS, to_table
-from ospo_core.stages.common import ok_input_rows, row_seed
+from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
 from ospo_core.templates import question_chat, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_value, number_word, parse_questions, word_pattern
 from ospo_core.testbed.text import testbed_questions
 
-ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 
 
@@ -35,8 +34,6 @@ def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: Ques
     workers); the structured fallback reads a negative with the words of the whole round, so slices give the rows
     the whole tables would.
     """
-    if cfg.source == "testbed":  # the shapes world's exact questions for each caption, no model call
-        return testbed_questions(prompts, negatives)
     structured = cfg.fallback == "structured"
     items = ok_input_rows(prompts, PROMPTS, [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])],
                           table_name="prompts", stage="generate_questions")
@@ -45,6 +42,8 @@ def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: Ques
     jobs = [{**{c: i[c] for c in ITEM_COLUMNS}, "side": "base", "k": -1, "prompt": i["prompt"]} for i in items]
     jobs += [{**{c: n[c] for c in ITEM_COLUMNS}, "side": "negative", "k": n["k"], "prompt": n["negative_prompt"]}
              for n in negs]
+    if cfg.source == "testbed":  # the shapes world's exact questions for each caption, no model call
+        return testbed_questions(jobs)
     outputs = generate_text(
         bundle,
         [question_chat(job["t2i_category"], job["prompt"]) for job in jobs],

@@ -2,7 +2,9 @@
 
 In the testbed the model's job is to draw; what the paper asks it to write (prompts, negatives, dense rewrites,
 questions) comes from the world, exactly, so a round tests what the preference optimisation does to the drawing.
-Each function returns its stage's table (records.PROMPTS / NEGATIVES / DENSE / QUESTIONS) with source="testbed":
+The stages (`ospo_core.stages.*`) read and check their input tables and build their jobs as always; with
+`source: testbed` they hand the jobs here instead of to the model, and each function returns its stage's table
+(records.PROMPTS / NEGATIVES / DENSE / QUESTIONS) with source="testbed":
 
 - prompts: per world category (`world.CATEGORIES`, keys of `PromptsConfig.quotas`), `quota` distinct captions drawn
   from the category's training split, each worded in one of its equivalent ways; never a held-out caption.
@@ -21,17 +23,17 @@ import random
 
 import pyarrow as pa
 
-from ospo_core.config import DensifyConfig, PerturbConfig, PromptsConfig
+from ospo_core.config import PromptsConfig
 from ospo_core.records import DENSE, NEGATIVES, PROMPTS, QUESTIONS, to_table
-from ospo_core.stages.common import ok_input_rows, row_seed
+from ospo_core.stages.common import ITEM_COLUMNS, row_seed
 from ospo_core.templates import SUB_CATEGORIES, item_id, perturbations_for
+from ospo_core.templates.parse import Structure
 from ospo_core.testbed.world import CATEGORIES, WORLD, CaptionError, Description, World
 
-ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 SOURCE = "testbed"
 
 
-def structured_columns(world: World, d: Description) -> dict:
+def structured_columns(d: Description) -> dict:
     """The PROMPTS columns that describe a caption: concepts, relation tuples, objects, attributes, counts.
 
     Objects are the shape nouns as the caption writes them (so the masks stage finds them in the prompt).
@@ -43,14 +45,10 @@ def structured_columns(world: World, d: Description) -> dict:
     relations = [(phrases[0], d.relation, phrases[1])] if d.relation else []
     tuples = [f"({o}, {a})" for o, a in attributes] + [f"({o}, {n})" for o, n in counts]
     tuples += [f"({s}, {p}, {o})" for s, p, o in relations]
-    return {
-        "concepts": ", ".join(phrases + [" ".join(r) for r in relations]),
-        "relation": ", ".join(tuples),
-        "objects": list(dict.fromkeys(nouns)),
-        "attributes": [{"object": o, "attribute": a} for o, a in attributes],
-        "relations": [{"subject": s, "predicate": p, "object": o} for s, p, o in relations],
-        "counts": [{"object": o, "count": n} for o, n in counts],
-    }
+    structure = Structure(objects=tuple(dict.fromkeys(nouns)), attributes=tuple(attributes),
+                          relations=tuple(relations), counts=tuple(counts))
+    return {"concepts": ", ".join(phrases + [" ".join(r) for r in relations]), "relation": ", ".join(tuples),
+            **structure.columns()}
 
 
 def testbed_prompts(cfg: PromptsConfig, world: World = WORLD) -> pa.Table:
@@ -73,50 +71,40 @@ def testbed_prompts(cfg: PromptsConfig, world: World = WORLD) -> pa.Table:
             counter = counters.get(t2i_category, 0)
             counters[t2i_category] = counter + 1
             rows.append({"item_id": item_id(t2i_category, counter), "t2i_category": t2i_category,
-                         "sub_category": sub_category, "prompt": world.caption(d), **structured_columns(world, d),
+                         "sub_category": sub_category, "prompt": world.caption(d), **structured_columns(d),
                          "source": SOURCE, "ok": True})
     return to_table(rows, PROMPTS)
 
 
-def testbed_negatives(prompts: pa.Table, cfg: PerturbConfig, world: World = WORLD) -> pa.Table:
-    """Stage 2a from the structure: one negative per (item, k), by the spec's perturbation for k."""
-    items = ok_input_rows(prompts, PROMPTS, [*ITEM_COLUMNS, "prompt"], table_name="prompts", stage="perturb")
+def testbed_negatives(jobs: list[tuple[dict, int, str, int]], world: World = WORLD) -> pa.Table:
+    """Stage 2a from the structure: perturb's (item, k, method, seed) jobs -> one negative each."""
     rows = []
-    for item in items:
-        for k, method in enumerate(perturbations_for(item["sub_category"])):
-            seed = row_seed(cfg.seeds[k], item["item_id"])
-            row = {**{c: item[c] for c in ITEM_COLUMNS}, "k": k, "seed": seed, "perturbation": method,
-                   "prompt": item["prompt"], "source": SOURCE}
-            try:
-                negative = world.perturb(world.parse(item["prompt"]), method, random.Random(seed))
-            except CaptionError:
-                rows.append({**row, "ok": False, "reason": "not_a_world_caption"})
-                continue
-            if negative is None:
-                rows.append({**row, "ok": False, "reason": f"nothing_to_{method}"})
-            else:
-                rows.append({**row, "negative_prompt": world.caption(negative), "ok": True})
+    for item, k, method, seed in jobs:
+        row = {**{c: item[c] for c in ITEM_COLUMNS}, "k": k, "seed": seed, "perturbation": method,
+               "prompt": item["prompt"], "source": SOURCE}
+        try:
+            negative = world.perturb(world.parse(item["prompt"]), method, random.Random(seed))
+        except CaptionError:
+            rows.append({**row, "ok": False, "reason": "not_a_world_caption"})
+            continue
+        if negative is None:
+            rows.append({**row, "ok": False, "reason": f"nothing_to_{method}"})
+        else:
+            rows.append({**row, "negative_prompt": world.caption(negative), "ok": True})
     return to_table(rows, NEGATIVES)
 
 
-def testbed_dense(negatives: pa.Table, cfg: DensifyConfig) -> pa.Table:
-    """Stage 2b: the dense prompts are the short captions (they already name every object of the scene)."""
-    pairs = ok_input_rows(negatives, NEGATIVES, [*ITEM_COLUMNS, "k", "prompt", "negative_prompt"],
-                          table_name="negatives", stage="densify")
-    rows = [{**p, "seed": row_seed(cfg.seeds[p["k"]], p["item_id"]), "dense_prompt": p["prompt"],
-             "negative_dense_prompt": p["negative_prompt"], "source": SOURCE, "ok": True} for p in pairs]
+def testbed_dense(pairs: list[dict], seeds: list[int]) -> pa.Table:
+    """Stage 2b from densify's checked pairs: the dense prompts are the short captions (they already name every
+    object of the scene)."""
+    rows = [{**p, "seed": seed, "dense_prompt": p["prompt"], "negative_dense_prompt": p["negative_prompt"],
+             "source": SOURCE, "ok": True} for p, seed in zip(pairs, seeds)]
     return to_table(rows, DENSE)
 
 
-def testbed_questions(prompts: pa.Table, negatives: pa.Table, world: World = WORLD) -> pa.Table:
-    """Stage 3a from the structure: the world's exact questions for each base caption and each negative caption."""
-    items = ok_input_rows(prompts, PROMPTS, [*ITEM_COLUMNS, "prompt"], table_name="prompts",
-                          stage="generate_questions")
-    negs = ok_input_rows(negatives, NEGATIVES, [*ITEM_COLUMNS, "k", "negative_prompt"], table_name="negatives",
-                         stage="generate_questions")
-    jobs = [{**{c: i[c] for c in ITEM_COLUMNS}, "side": "base", "k": -1, "prompt": i["prompt"]} for i in items]
-    jobs += [{**{c: n[c] for c in ITEM_COLUMNS}, "side": "negative", "k": n["k"], "prompt": n["negative_prompt"]}
-             for n in negs]
+def testbed_questions(jobs: list[dict], world: World = WORLD) -> pa.Table:
+    """Stage 3a from the structure: generate_questions' (item, side, k, prompt) jobs -> the world's exact questions
+    for each caption."""
     rows = []
     for job in jobs:
         try:
