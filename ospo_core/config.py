@@ -18,8 +18,6 @@ class StageConfig(BaseModel):
 
 
 Fallback = Literal["none", "structured"]
-# Who writes a text stage's output: the model (the paper) or the shapes-world testbed's grammar (ospo_core.testbed).
-TextSource = Literal["model", "testbed"]
 
 
 class SelectConfig(StageConfig):
@@ -176,12 +174,6 @@ class PromptsConfig(StageConfig):
         description="none (paper-faithful): a sub-category that misses its quota stays short. structured: fill the "
         "shortfall from a built-in grammar and vocabulary, marked source='fallback' (for weak or tiny models).",
     )
-    source: TextSource = Field(
-        "model",
-        description="model (the paper): the model writes its prompts. testbed: the shapes world's grammar draws "
-        "them from its training captions (ospo_core.testbed; only the world's sub-categories, see "
-        "TESTBED_SUB_CATEGORIES), marked source='testbed', no model call.",
-    )
 
     def quota_for(self, key: str) -> int:
         """Accepted prompts wanted from run `key`; 0 when the run is not in sub_categories."""
@@ -206,12 +198,6 @@ class _TextSamplingConfig(StageConfig):
         "none",
         description="none (paper-faithful): a row the model fails stays failed (ok=False, with a reason). "
         "structured: build the missing text from the structured columns instead, marked source='fallback'.",
-    )
-    source: TextSource = Field(
-        "model",
-        description="model (the paper): the model writes the text. testbed: the shapes world writes it exactly from "
-        "each caption's structure (ospo_core.testbed.text), marked source='testbed', no model call; for rounds on "
-        "the testbed, whose model only draws.",
     )
 
 
@@ -266,12 +252,6 @@ class RenderConfig(StageConfig):
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance). "
                             "Larger = faster on a GPU until memory runs out.")
     compile_mode: CompileMode = Field("auto", description=COMPILE_MODE_HELP)
-    decoder: Literal["vq", "testbed"] = Field(
-        "vq",
-        description="What turns the sampled image tokens into the stored PNG. vq (the paper): the model's VQ decoder. "
-        "testbed: the shapes world draws the token grid (ospo_core.testbed.render); for testbed checkpoints, whose "
-        "tokens are scene cells and whose VQ decoder is untrained. Training and the oracle use the tokens either way.",
-    )
 
 
 class VQAConfig(StageConfig):
@@ -312,6 +292,14 @@ class RoundConfig(StageConfig):
                        "with a transformers-format Janus checkpoint.")
     adapters: list[str] = Field(default_factory=list, description="LoRA adapters of earlier rounds, merged in order "
                                 "before this round starts (the self-improvement flow fills this in).")
+    world: Literal["paper", "shapes"] = Field(
+        "paper",
+        description="Who writes the text and draws the pictures. paper (the method): the model writes the prompts, "
+        "negatives, dense rewrites and questions, and its VQ decoder draws the PNGs. shapes: the shapes-world testbed "
+        "(ospo_core.testbed) writes the text from its grammar (only its sub-categories, see TESTBED_SUB_CATEGORIES) "
+        "and draws the token grids, for checkpoints made by `ospo testbed`, whose VQ decoder is untrained. The model "
+        "draws the image tokens and trains in both.",
+    )
     shard_rows: int = Field(64, ge=1, le=100_000, description="Rows per Parquet shard of the rendering and self-VQA "
                             "stages: the unit of resume after a crash. Smaller = less lost work, more files.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Stage 1: initial prompt generation.")
@@ -349,14 +337,12 @@ TESTBED_SUB_CATEGORIES = ("color1", "color2", "2D_spatial", "numeracy1", "numera
 # large caption spaces (color1 and numeracy1 have only 9 and 27 training captions). Guidance is off (w = 1): no
 # round trains the unconditional branch, and with w = 5 the guided distribution drifted with it (TESTBED.md).
 TESTBED_OVERRIDES: dict = {
-    "prompts": {"source": "testbed", "sub_categories": list(TESTBED_SUB_CATEGORIES),
+    "world": "shapes",
+    "prompts": {"sub_categories": list(TESTBED_SUB_CATEGORIES),
                 "quotas": {"color1": 9, "color2": 50, "2D_spatial": 96, "numeracy1": 27, "numeracy2": 96,
                            "complex": 96}},
-    "perturb": {"source": "testbed"},
-    "densify": {"source": "testbed"},
-    "questions": {"source": "testbed"},
     "vqa": {"judge": "oracle"},
-    "render": {"cfg_weight": 1.0, "batch_size": 64, "decoder": "testbed"},
+    "render": {"cfg_weight": 1.0, "batch_size": 64},
     "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-4,
               "lora_r": 16, "lora_alpha": 32, "save_steps": 80, "logging_steps": 10, "gradient_checkpointing": False},
     "shard_rows": 4096,
