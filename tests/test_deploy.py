@@ -95,7 +95,7 @@ def served(tmp_path_factory):
     with open(output, "wb") as out:
         # from a folder outside the checkout: serve finds prefect.yaml and the flows by itself
         process = subprocess.Popen(
-            [sys.executable, "-m", "ospo_core.cli", "serve", "--port", str(port), "--home", str(root / "home")],
+            [sys.executable, "-m", "ospo_cli", "serve", "--port", str(port), "--home", str(root / "home")],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     served = Served(process, f"http://127.0.0.1:{port}/api", output)
@@ -200,7 +200,7 @@ def test_the_server_refuses_an_invalid_round_config_with_the_field_name(served, 
 
 
 def test_a_second_serve_on_the_same_port_is_refused_before_it_starts_anything(served, tmp_path, capsys):
-    from ospo_core.cli import main
+    from ospo_cli.main import main
 
     port = served.api_url.rsplit(":", 1)[1].split("/")[0]
     assert main(["serve", "--port", port, "--home", str(tmp_path / "home")]) == 2

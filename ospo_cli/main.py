@@ -1,6 +1,8 @@
-"""The `ospo` command line: run a round, inspect one, smoke-test a model, serve the Prefect UI and deployments.
+"""The `ospo` command line: run a round, inspect one, smoke-test a model, evaluate, serve the Prefect UI.
 
-Commands that need Prefect import it lazily, so `ospo_core` itself never depends on it.
+Commands that need Prefect or the flows import them lazily, so bad input is refused at once. Every failure a user
+can fix is one line on stderr (what is wrong, which file, what to do) and exit status 2; SIGINT and SIGTERM stop a
+command within seconds, with the Prefect run marked Crashed and the round lock released.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ import copy
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+
+from ospo_cli import ServeError, UsageError, writable_folder
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -25,14 +26,6 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TRL_EXPERIMENTAL_SILENCE": "1",
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line, exit status 2, nothing written."""
-
-
-class ServeError(RuntimeError):
-    """A process `ospo serve` started failed; printed as one line that says where its log is."""
 
 
 # ---------------------------------------------------------------- config from the command line
@@ -72,6 +65,58 @@ def validated(model_cls, document: dict, sets: list[str] | None, what: str, exam
         raise UsageError(f"invalid {what} config: {problems}") from exc
 
 
+def read_settings_file(path: Path) -> dict:
+    """A --config file: YAML or JSON (JSON is YAML too), plain data only (`safe_load` refuses `!!python/...` tags)."""
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        # the first line names the problem (e.g. a `!!python/object` tag, which is never loaded); the rest is context
+        problem = str(exc).strip().splitlines()[0].rstrip(":")
+        raise UsageError(f"--config {path}: not a plain YAML/JSON file of round settings ({problem}); write "
+                         "settings as plain keys and values") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: expected a mapping of round settings, e.g. `train: {{max_steps: 20}}`")
+    return loaded
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    from ospo_core import store
+
+    return Path(args.home).resolve() if args.home else store.ospo_home()
+
+
+def writable_home(args: argparse.Namespace) -> Path:
+    return writable_folder(home_of(args), "artifact folder")
+
+
+def round_manifest(home: Path, round_id: str, listing: str) -> dict:
+    """The manifest of a finished or running round, or one UsageError line (bad id, no such round, garbage)."""
+    from ospo_core import store
+
+    try:
+        path = store.round_dir(home, round_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not (path / "manifest.json").is_file():
+        raise UsageError(f"no round {round_id!r} under {home / 'runs'}; {listing} lists the rounds")
+    try:
+        manifest = store.read_manifest(path)
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"{path / 'manifest.json'} cannot be read ({exc}); restore it, or delete the round "
+                         "folder and run the round again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("round_id"), str):
+        raise UsageError(f"{path / 'manifest.json'} is not a round manifest (no round_id); restore it, or delete "
+                         "the round folder and run the round again")
+    return manifest
+
+
 def build_round_config(args: argparse.Namespace):
     """Preset, then --config file, then --model/--round, then each --set: validated once, at the end."""
     from ospo_core.config import PRESETS, RoundConfig, deep_update
@@ -79,15 +124,7 @@ def build_round_config(args: argparse.Namespace):
     preset = args.preset or ("demo" if args.model == "tiny" else "paper")
     document = copy.deepcopy(PRESETS[preset])  # --set edits it in place: the preset itself must stay as it is
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UsageError(f"--config {path}: no such file")
-        import yaml  # JSON is YAML too
-
-        loaded = yaml.safe_load(path.read_text())
-        if not isinstance(loaded, dict):
-            raise UsageError(f"--config {path}: expected a mapping of round settings")
-        document = deep_update(document, loaded)
+        document = deep_update(document, read_settings_file(Path(args.config)))
     document["model"] = args.model
     if args.round:
         document["round_id"] = args.round
@@ -97,17 +134,66 @@ def build_round_config(args: argparse.Namespace):
 # ---------------------------------------------------------------- commands
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM. A KeyboardInterrupt, so Prefect's engine records the run as Crashed on its way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible():
+    """SIGTERM stops the command as Ctrl-C does; SIGINT explicitly too, as a shell starting us in the background
+    would have us ignore it. The temporary server is stopped and the round lock released as the exception leaves."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def prefect_api():
+    """The API the flows report to: PREFECT_API_URL when one is set, else a temporary server of our own that stays
+    up until the flow has recorded how it ended (ospo_cli/server.py)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from ospo_cli.server import temporary_server
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_server() as settings, temporary_settings(updates={
+            PREFECT_API_URL: settings["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: settings["PREFECT_API_AUTH_STRING"]}):
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
+    from ospo_core import store
     from ospo_core.janus.load import check_model_source
 
     config, preset = build_round_config(args)
     check_model_source(config.model)  # fail before anything is written
-    home = str(Path(args.home).resolve()) if args.home else None
-    print(f"OSPO round on {config.model} (preset {preset}); artifacts under {home or '$OSPO_HOME or ./.ospo'}")
-    from flows.round import ospo_round
+    home = writable_home(args)
+    if config.round_id:
+        # refused here in one line rather than inside the flow; the flow runs in this process, so its own
+        # lock_round finds the lock held and close_round releases it
+        try:
+            store.lock_round(store.round_dir(home, config.round_id))
+        except store.RoundBusyError as exc:
+            raise UsageError(str(exc)) from None
+    print(f"OSPO round on {config.model} (preset {preset}); artifacts under {home}", flush=True)
+    with interruptible(), prefect_api():
+        from flows.round import ospo_round
 
-    t0 = time.perf_counter()
-    manifest = ospo_round(config, home=home)
+        t0 = time.perf_counter()
+        manifest = ospo_round(config, home=str(home))
     print_summary(manifest, time.perf_counter() - t0)
     return 0
 
@@ -133,11 +219,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from ospo_core import store
     from ospo_core.records import SCHEMAS
 
-    home = Path(args.home).resolve() if args.home else store.ospo_home()
-    path = store.round_dir(home, args.round)
-    if not (path / "manifest.json").is_file():
-        raise UsageError(f"no round {args.round!r} under {home / 'runs'}; `ls {home / 'runs'}` lists the rounds")
-    manifest = store.read_manifest(path)
+    home = home_of(args)
+    manifest = round_manifest(home, args.round, f"`ls {home / 'runs'}`")
     print_summary(manifest)
     for name, info in manifest.get("tables", {}).items():
         if name == "train_history":
@@ -178,208 +261,27 @@ def _smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- ospo serve: server, pools, deployments, worker
-
-REPO = Path(__file__).resolve().parent.parent  # the checkout: prefect.yaml and the flows' entrypoints live here
-WORK_POOLS = {
-    "ospo-cpu": "Process workers on CPU machines: the manual round (the tiny model demo, small jobs).",
-    "ospo-gpu": "Process workers on GPU machines, one per GPU (CUDA_VISIBLE_DEVICES): nightly rounds, evaluation.",
-}
-GPU_SLOTS = "gpu"  # global concurrency limit the model stages take a slot of (tasks/stages.py), one at a time
-IN_FLIGHT = ("PENDING", "RUNNING", "CANCELLING")
-
-
-def _serve(args: argparse.Namespace) -> int:
-    """Prefect server -> work pools + `gpu` limit -> `prefect deploy --all` -> worker(s); Ctrl-C stops them in order.
-
-    The children run in their own sessions so that Ctrl-C reaches this process only and the shutdown keeps its
-    order: runs in flight are cancelled while the server is still up, then the workers stop, then the server.
-    """
-    if not (REPO / "prefect.yaml").is_file():
-        raise UsageError(f"{REPO} has no prefect.yaml: `ospo serve` runs from a checkout of the repository")
-    address = f"http://{_client_host(args.host)}:{args.port}"
-    api_url = f"{address}/api"
-    if _healthy(api_url):
-        raise UsageError(f"a server already answers at {address}; stop it or pass another --port")
-    from ospo_core import store
-
-    # the workers get the home resolved here, as `ospo run` would, not one relative to the checkout they chdir to
-    home = Path(args.home).resolve() if args.home else store.ospo_home()
-    env = {**os.environ, **OFFLINE_ENV, "PREFECT_API_URL": api_url, "OSPO_REPO": str(REPO), "OSPO_HOME": str(home)}
-    pools = ["ospo-cpu", "ospo-gpu"] if args.gpu_worker else ["ospo-cpu"]
-    log_path = home / "serve" / "server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    prefect = [sys.executable, "-m", "prefect"]
-
-    children: list[tuple[str, subprocess.Popen]] = []
-    # Ctrl-C and `kill` both stop in order; SIGINT explicitly too, as a shell starting us in the background
-    # would have us ignore it
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        print(f"starting the Prefect server on {address} (log: {log_path})", flush=True)
-        with open(log_path, "ab") as log:
-            server = subprocess.Popen([*prefect, "server", "start", "--host", args.host, "--port", str(args.port)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        children.append(("server", server))
-        _wait_healthy(api_url, server, log_path)
-        _provision(api_url)
-        print("deploying prefect.yaml ...", flush=True)
-        _deploy(prefect, env)
-        for pool in pools:
-            worker = subprocess.Popen([*prefect, "worker", "start", "--pool", pool, "--type", "process",
-                                       "--name", f"{pool}-{socket.gethostname()}-{os.getpid()}"],
-                                      env=env, cwd=REPO, start_new_session=True)
-            children.append((f"{pool} worker", worker))
-        print(f"\nPrefect UI: {address}\n"
-              f"deployments: {', '.join(_deployment_names())}; worker(s) polling {', '.join(pools)}\n"
-              f"use it from another shell with: export PREFECT_API_URL={api_url}\n"
-              "Ctrl-C stops the workers and the server", flush=True)
-        while True:
-            for name, child in children:
-                if child.poll() is not None:
-                    where = f"; see {log_path}" if child is server else ""
-                    raise ServeError(f"the {name} exited with status {child.returncode}{where}")
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
-    finally:
-        # the stop itself is bounded (cancel wait + one grace per child), so a second Ctrl-C cannot cut it short
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            if children and _healthy(api_url):
-                _cancel_in_flight(api_url)
-        finally:
-            for name, child in reversed(children):
-                _stop(child)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    print("stopped")
-    return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _client_host(host: str) -> str:
-    """The address a client on this machine dials for a server bound to `host`."""
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _wait_healthy(api_url: str, server: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    """A fresh database is migrated on first start, so this may take a while; a dead server fails at once."""
-    deadline = time.monotonic() + timeout
-    while not _healthy(api_url):
-        if server.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise ServeError(f"the Prefect server exited with status {server.returncode} before it answered "
-                             f"(log {log_path}): {' | '.join(tail)}")
-        if time.monotonic() > deadline:
-            raise ServeError(f"the Prefect server did not answer at {api_url} within {timeout:.0f}s; see {log_path}")
-        time.sleep(0.5)
-
-
-def _provision(api_url: str) -> None:
-    """Create the work pools and the `gpu` concurrency limit unless they exist (kept as they are when they do)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.workers.process import ProcessWorker
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        for name, description in WORK_POOLS.items():
-            try:
-                client.create_work_pool(WorkPoolCreate(
-                    name=name, type="process", description=description,
-                    base_job_template=ProcessWorker.get_default_base_job_template()))
-                print(f"created work pool {name}")
-            except ObjectAlreadyExists:
-                pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOTS, limit=1))
-            print(f"created concurrency limit {GPU_SLOTS!r} (1 slot)")
-        except ObjectAlreadyExists:
-            pass
-
-
-def _deploy(prefect: list[str], env: dict[str, str]) -> None:
-    """`prefect deploy --all` from the checkout, as a user would type it (no prompts).
-
-    Without OSPO_REPO: `prefect deploy` would bake its value into the pull step, and each worker must fill in its own.
-    """
-    deploy_env = {k: v for k, v in env.items() if k != "OSPO_REPO"} | {"PREFECT_CLI_PROMPT": "false"}
-    done = subprocess.run([*prefect, "deploy", "--all"], cwd=REPO, env=deploy_env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
-        raise ServeError("`prefect deploy --all` failed:\n" + "\n".join(tail))
-
-
-def _deployment_names() -> list[str]:
-    import yaml
-
-    return [d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]]
-
-
-def _cancel_in_flight(api_url: str, timeout: float = 30) -> None:
-    """Cancel every run in flight: none can finish without the server, and a cancelled flow-run process exits instead
-    of outliving it (a rerun of the same round id resumes: finished stages are cached, finished shards kept)."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType,
-    )
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.states import Cancelling
-
-    in_flight = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(IN_FLIGHT)))
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=in_flight))
-        for run in runs:
-            print(f"cancelling flow run {run.name} ({run.id})", flush=True)
-            client.set_flow_run_state(run.id, Cancelling(message="ospo serve is stopping"), force=True)
-        ids = FlowRunFilterId(any_=[run.id for run in runs])
-        deadline = time.monotonic() + timeout
-        while runs and time.monotonic() < deadline:
-            time.sleep(1)
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=ids, state=in_flight))
-        for run in runs:
-            print(f"flow run {run.name} ({run.id}) did not stop within {timeout:.0f}s", file=sys.stderr)
-
-
-def _stop(child: subprocess.Popen, grace: float = 20) -> None:
-    """SIGINT (Prefect's own graceful stop), then SIGKILL after `grace` seconds."""
-    if child.poll() is None:
-        child.send_signal(signal.SIGINT)
-        try:
-            child.wait(grace)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
 def build_eval_config(args: argparse.Namespace, tiny: bool):
     """--preset (demo for the tiny model: one image per prompt, structured question fallback), then --prompts,
     --limit, --images and each --set, validated once."""
     from ospo_core.config import EVAL_PRESETS, EvalConfig, deep_update
+    from ospo_core.evaluate import SHIPPED_SETS, load_prompt_set
 
     preset = args.preset or ("demo" if tiny else "paper")
     document = deep_update({}, EVAL_PRESETS[preset])
     prompts = args.prompts
-    if prompts not in ("t2i-compbench", "geneval"):
+    if prompts not in SHIPPED_SETS:
         if not Path(prompts).is_file():
-            raise UsageError(f"--prompts {prompts}: not 't2i-compbench' or 'geneval', and no such file")
+            raise UsageError(f"--prompts {prompts}: not one of {', '.join(SHIPPED_SETS)}, and no such file")
         prompts = str(Path(prompts).resolve())
+        # read now, before a server starts or a model loads, so a bad file is one line, not a failed flow
+        try:
+            load_prompt_set(prompts)
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--prompts {prompts}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}); save it as UTF-8") from None
+        except ValueError as exc:
+            raise UsageError(f"--prompts {prompts}: {exc}") from None
     document["prompt_set"] = prompts
     if args.limit is not None:
         document["limit"] = args.limit
@@ -393,32 +295,37 @@ def _eval(args: argparse.Namespace) -> int:
     from ospo_core.evaluate import EvalMetrics, metrics_text
     from ospo_core.janus.load import check_model_source
 
-    home = Path(args.home).resolve() if args.home else store.ospo_home()
+    home = home_of(args)
     if args.round and args.model:
         raise UsageError("give --round (evaluate that round's trained model) or --model, not both")
     if args.start and not args.round:
         raise UsageError("--start evaluates the model a round started from: it needs --round")
     model = None if args.round else (args.model or "tiny")
     if args.round:
-        path = store.round_dir(home, args.round)
-        if not (path / "manifest.json").is_file():
-            raise UsageError(f"no round {args.round!r} under {home / 'runs'}; `ospo rounds` lists the rounds")
-        tiny = store.read_manifest(path)["model"]["source"] == "tiny"
+        tiny = round_manifest(home, args.round, "`ospo rounds`").get("model", {}).get("source") == "tiny"
     else:
         check_model_source(model)  # fail before anything is written
         tiny = model == "tiny"
         model = model if tiny else str(Path(model).resolve())
     config, preset = build_eval_config(args, tiny)
+    writable_home(args)
     what = f"round {args.round} ({'start' if args.start else 'trained'} model)" if args.round else model
     print(f"evaluating {what} on {config.prompt_set} (preset {preset}); artifacts under {home}")
-    from flows.evaluate import ospo_evaluate
+    with interruptible(), prefect_api():
+        from flows.evaluate import ospo_evaluate
 
-    t0 = time.perf_counter()
-    result = ospo_evaluate(config, home=str(home), round_id=args.round, model=model, start_model=args.start)
+        t0 = time.perf_counter()
+        result = ospo_evaluate(config, home=str(home), round_id=args.round, model=model, start_model=args.start)
     print(f"\n{metrics_text(EvalMetrics.model_validate(result['metrics']))}")
     print(f"\neval table: {result['eval']['path']} ({time.perf_counter() - t0:.0f}s)")
     print(f"plot across rounds: {result['plot']}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ospo_cli.serve import serve
+
+    return serve(args.host, args.port, home_of(args), args.gpu_worker, OFFLINE_ENV)
 
 
 def _rounds(args: argparse.Namespace) -> int:
@@ -426,8 +333,15 @@ def _rounds(args: argparse.Namespace) -> int:
     from ospo_core import store
     from ospo_core.evaluate import JUDGE_NOTE
 
-    home = Path(args.home).resolve() if args.home else store.ospo_home()
-    entries = store.list_entries(home)
+    home = home_of(args)
+    if args.rebuild:
+        rebuilt = store.rebuild_registry(home)
+        print(f"rebuilt {home / 'models' / 'registry.json'} from {len(rebuilt)} round manifest(s): "
+              f"{', '.join(e['round_id'] for e in rebuilt) or '-'}\n")
+    try:
+        entries = store.list_entries(home)
+    except ValueError as exc:  # a registry that is not JSON
+        raise UsageError(f"{exc}; or `ospo rounds --rebuild` rebuilds it from the round manifests") from None
     if not entries:
         print(f"no rounds registered under {home} (`ospo run` or the self-improvement flow registers them)")
         return 0
@@ -468,13 +382,12 @@ def build_testbed_config(args: argparse.Namespace):
 def _testbed(args: argparse.Namespace) -> int:
     import torch
 
-    from ospo_core import store
     from ospo_core.testbed.ablation import run_testbed
 
     config = build_testbed_config(args)
     # The testbed model's matrices are tiny: one thread per process beats two threads that wait on each other.
     torch.set_num_threads(args.threads)
-    home = Path(args.home).resolve() if args.home else store.ospo_home()
+    home = home_of(args)
     checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else None
     try:
         run_dir, table = run_testbed(config, home, checkpoint)
@@ -514,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "address")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address the server binds (default 127.0.0.1: this machine only; 0.0.0.0 lets GPU "
-                            "workers on other machines reach it, with no authentication)")
+                            "workers on other machines reach it, with the auth string it prints)")
     serve.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
     serve.add_argument("--home", help="artifact root of the runs this worker executes (default: $OSPO_HOME or "
                                       "./.ospo in the checkout)")
@@ -541,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rounds = sub.add_parser("rounds", help="the lineage of rounds with eval metrics and promotion decisions")
     rounds.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
+    rounds.add_argument("--rebuild", action="store_true",
+                        help="rebuild models/registry.json from the round manifests first (a lost or damaged registry)")
     rounds.set_defaults(func=_rounds)
 
     testbed = sub.add_parser("testbed", help="the ablation table on the shapes-world testbed: pre-train a tiny model, "
@@ -572,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelLoadError, ServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"stopped by {signal.Signals(signum).name}: the Prefect run is marked Crashed; the same command "
+              "with the same --round resumes a round (finished stages and shards are kept)", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
