@@ -1,23 +1,34 @@
 """Pydantic configuration for every stage and for a whole round.
 
 These models are validated at the edge (CLI, Prefect UI form) and are the Prefect flow parameters, so every knob has
-a description that states its trade-off and a range; an invalid value is refused with the field's name.
+a description that states its trade-off and a range; an invalid value is refused with the field's name. A value
+that could only fail later (a negative seed, an infinite scale, a million-year step count) is refused here too.
+
+Each concept is declared once: a field shared by several stages lives in a base class or an annotated type below,
+and a stage states only its own default.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from ospo_core import store
 
 
 class StageConfig(BaseModel):
-    """Base for all configs: unknown keys are errors (a typo must not silently fall back to a default)."""
+    """Base for all configs: unknown keys are errors (a typo must not silently fall back to a default), and no float
+    field accepts inf or NaN (they pass every range check below and fail deep inside a stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Fallback = Literal["none", "structured"]
+# numpy's and transformers' set_seed accept 0 .. 2**32 - 1; anything else would fail only when a stage starts.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# A cap on every count of steps or draws: far above any real run, low enough that a typo (10**12) is refused.
+MAX_STEPS = 1_000_000
 
 
 class SelectConfig(StageConfig):
@@ -47,8 +58,14 @@ class SelectConfig(StageConfig):
     )
 
 
-class TrainConfig(StageConfig):
-    """Stage 4: object-centric preference optimization (LoRA on the language model; spec section 4, v2 defaults)."""
+class OSPOLossConfig(StageConfig):
+    """Stage 4's objective (spec section 4; defaults = paper v2), read by `ospo_core.train.loss.ospo_loss`:
+
+        L = mean_batch(simpo_weight·L_S + copo_weight·L_C) + sft_weight·L_SFT
+        L_S = -log σ(β₁·(ℓ(x_c, y_w) - ℓ(x_c, y_l) - r₁)),   L_C = -log σ(β₂·(ℓ(x_c, y_w) - ℓ(x_r, y_w) - r₂))
+
+    with ℓ the length-normalised image log-likelihood and the target margins γ = β·r. A weight of 0 drops its term.
+    """
 
     loss: Literal["ospo", "dpo"] = Field(
         "ospo",
@@ -68,7 +85,14 @@ class TrainConfig(StageConfig):
     copo_weight: float = Field(0.5, ge=0, description="Weight of the conditional preference term; 0 disables it (v3).")
     sft_weight: float = Field(1.5, ge=0, description="Weight of the chosen-image NLL; keeps the model on its own "
                               "distribution while the margins grow.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label-flip probability (0 = paper).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="epsilon: assumed probability that a pair's "
+                                   "preference label is flipped (the conservative pair loss); 0 = paper.")
+
+
+class TrainConfig(OSPOLossConfig):
+    """Stage 4: object-centric preference optimization (LoRA on the language model; spec section 4, v2 defaults).
+    The objective's fields come from OSPOLossConfig, so this config is the loss config the trainer uses."""
+
     object_weighting: bool = Field(
         False, description="v3 option: weight image tokens inside the object mask (from the masks stage) by "
         "1 + mask_alpha * M' in the pair terms. Needs the masks table."
@@ -81,7 +105,7 @@ class TrainConfig(StageConfig):
         "the PNG with the VQ encoder, as the authors do (slower; tokens drift from what was sampled).",
     )
     lora_r: int = Field(32, ge=1, le=1024, description="LoRA rank. Higher = more capacity and memory.")
-    lora_alpha: int = Field(64, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_alpha: int = Field(64, ge=1, le=65536, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     learning_rate: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate (paper: 1e-5).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
@@ -91,10 +115,11 @@ class TrainConfig(StageConfig):
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (cosine).")
     min_lr: float = Field(1e-6, ge=0, description="Final learning rate of the cosine schedule.")
-    max_steps: int = Field(500, ge=1, description="Optimizer steps. Paper: 500 steps of 128 pairs.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch (each pair = 3 sequences). A CUDA "
-                            "out-of-memory error shrinks it and raises gradient accumulation to match.")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Optimizer steps. Paper: 500 steps of 128 pairs.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per device per micro-batch (each pair = 3 "
+                            "sequences). A CUDA out-of-memory error shrinks it and raises gradient accumulation to "
+                            "match.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: ~30% slower, far less memory."
@@ -102,9 +127,9 @@ class TrainConfig(StageConfig):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume point).")
-    logging_steps: int = Field(5, ge=1, description="Log metrics every N optimizer steps.")
-    seed: int = Field(42, description="Seed for LoRA init and data order.")
+    save_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Checkpoint every N optimizer steps (resume point).")
+    logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Log metrics every N optimizer steps.")
+    seed: Seed = Field(42, description="Seed for LoRA init and data order.")
 
 
 # The twelve prompt-generation runs of stage 1, in the fixed order that numbers item ids, with the spec's quotas
@@ -122,7 +147,35 @@ SPEC_QUOTAS: dict[str, int] = {
 SPEC_PERTURBATION_SEEDS = (0, 1, 2)
 
 
-class PromptsConfig(StageConfig):
+# The knobs every text-writing call shares; each stage gives its own (the spec's) default.
+Temperature = Annotated[float, Field(gt=0, le=5, description="Sampling temperature (the default is the spec's). "
+                                     "Higher = bolder, more varied text, more format breaks.")]
+TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus cut (the default is the spec's; 1 = none). Lower = "
+                              "safer text that stays closer to the prompt's own words, less varied.")]
+MaxNewTokens = Annotated[int, Field(ge=1, le=4096, description="Token budget per answer (the default is the "
+                                    "spec's). Too low cuts an answer before its end (a final marker, a question "
+                                    "list); lower saves time on rambling samples.")]
+
+
+class _TextSamplingConfig(StageConfig):
+    """What the text stages (1, 2a, 2b, 3a) share: batching, sampling and the structured fallback switch. The
+    sampling defaults are stage 1's; the other stages override them with their own spec values."""
+
+    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
+                            "runs out; results do not depend on it.")
+    fallback: Fallback = Field(
+        "none",
+        description="none (paper-faithful): what the model fails to write stays missing: a failed row keeps ok=False "
+        "and its reason, a prompt sub-category that misses its quota stays short. structured: build the missing "
+        "text from the structured columns instead (prompts: from a built-in grammar and vocabulary), marked "
+        "source='fallback' (for weak or tiny models).",
+    )
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    max_new_tokens: MaxNewTokens = 512
+
+
+class PromptsConfig(_TextSamplingConfig):
     """Stage 1: the model writes its own base prompts, one few-shot chat per sub-category."""
 
     sub_categories: tuple[PromptSubCategory, ...] = Field(
@@ -131,7 +184,7 @@ class PromptsConfig(StageConfig):
         description="Which of the 12 prompt-generation runs to do (all by default). Item ids are numbered in the "
         "spec's fixed order whichever runs are chosen.",
     )
-    quotas: dict[PromptSubCategory, PositiveInt] = Field(
+    quotas: dict[PromptSubCategory, Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(
         default_factory=lambda: dict(SPEC_QUOTAS),
         description="Accepted prompts wanted per sub-category (spec: 667 per attribute, 1000 per layout, 4000 "
         "non-spatial, 4000 complex). A partial mapping overrides only the keys it names; to skip a run, leave it "
@@ -140,6 +193,7 @@ class PromptsConfig(StageConfig):
     max_len: int | None = Field(
         None,
         ge=1,
+        le=MAX_STEPS,
         description="Cap on every sub-category's quota (the authors' demo config uses 30). None = quotas as given.",
     )
     repeat: int = Field(
@@ -158,22 +212,11 @@ class PromptsConfig(StageConfig):
     rotation_interval: int = Field(
         100,
         ge=1,
+        le=MAX_STEPS,
         description="Every this many steps the few-shot examples are redrawn from the prompts accepted so far "
         "(spec: 100; 5 shots for complex, else 3). Smaller = more diverse but more self-referential prompts.",
     )
-    seed: int = Field(42, description="Base seed; each draw's seed is a stable hash of (seed, sub-category, draw).")
-    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature (spec 1.0). Higher = more diverse, "
-                               "more format breaks.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus cut (spec: none = 1.0). Lower = safer, less diverse.")
-    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget per answer (spec 512). A one-line "
-                                "answer needs ~60; a lower budget saves time on rambling samples.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
-                            "runs out; results do not depend on it.")
-    fallback: Fallback = Field(
-        "none",
-        description="none (paper-faithful): a sub-category that misses its quota stays short. structured: fill the "
-        "shortfall from a built-in grammar and vocabulary, marked source='fallback' (for weak or tiny models).",
-    )
+    seed: Seed = Field(42, description="Base seed; each draw's seed is a stable hash of (seed, sub-category, draw).")
 
     def quota_for(self, key: str) -> int:
         """Accepted prompts wanted from run `key`; 0 when the run is not in sub_categories."""
@@ -189,31 +232,17 @@ class PromptsConfig(StageConfig):
         return {**SPEC_QUOTAS, **value} if isinstance(value, dict) else value
 
 
-class _TextSamplingConfig(StageConfig):
-    """What the stage-2/3 text calls share: batching and the structured fallback switch."""
-
-    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
-                            "runs out; results do not depend on it.")
-    fallback: Fallback = Field(
-        "none",
-        description="none (paper-faithful): a row the model fails stays failed (ok=False, with a reason). "
-        "structured: build the missing text from the structured columns instead, marked source='fallback'.",
-    )
-
-
 class _PerIndexSamplingConfig(_TextSamplingConfig):
-    """Stages 2a and 2b sample once per perturbation index k, with the spec's per-index seeds and settings."""
+    """Stages 2a and 2b sample once per perturbation index k, with the spec's per-index seeds and settings; their
+    step-by-step answers end in a final marker that too low a max_new_tokens cuts off."""
 
-    seeds: tuple[int, int, int] = Field(
+    seeds: tuple[Seed, Seed, Seed] = Field(
         SPEC_PERTURBATION_SEEDS,
         description="Seed of perturbation index k (spec: 0, 1, 2 for both 2a and 2b); a row's seed is a stable hash "
         "of (seeds[k], item_id), so samples do not depend on batching or sharding.",
     )
-    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2). Higher = bolder, more "
-                               "varied text, more format breaks.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus cut (spec 0.9). Lower = safer, less varied.")
-    max_new_tokens: int = Field(512, ge=1, le=4096, description="Token budget for the step-by-step answer (spec "
-                                "512). Too low cuts the answer before its final marker.")
+    temperature: Temperature = 1.2
+    top_p: TopP = 0.9
 
 
 class PerturbConfig(_PerIndexSamplingConfig):
@@ -227,31 +256,38 @@ class DensifyConfig(_PerIndexSamplingConfig):
 class QuestionsConfig(_TextSamplingConfig):
     """Stage 3a: decompositional yes/no questions for each short base prompt and each short negative prompt."""
 
-    seed: int = Field(42, description="Base seed (spec 42); a row's seed is a stable hash of (seed, item_id, k).")
-    temperature: float = Field(1.2, gt=0, le=5, description="Sampling temperature (spec 1.2).")
-    top_p: float = Field(0.5, gt=0, le=1, description="Nucleus cut (spec 0.5): keeps the questions close to the "
-                         "prompt's own words.")
-    max_new_tokens: int = Field(256, ge=1, le=4096, description="Token budget per answer (spec 256). Too low "
-                                "truncates the question list.")
+    seed: Seed = Field(42, description="Base seed (spec 42); a row's seed is a stable hash of (seed, item_id, k).")
+    temperature: Temperature = 1.2
+    top_p: TopP = 0.5  # keeps the questions close to the prompt's own words
+    max_new_tokens: MaxNewTokens = 256
 
 
 CompileMode = Literal["auto", "eager", "default", "reduce-overhead", "max-autotune"]
-COMPILE_MODE_HELP = ("torch.compile mode of the sampler's per-token step. auto: CUDA graphs (reduce-overhead) on a "
-                     "GPU, where eager steps are launch-bound (2.2-4.3x faster at 64 images on an H200, about a "
-                     "minute to compile), eager on the CPU, where compiling costs more than it saves.")
 
 
-class RenderConfig(StageConfig):
-    """Stage 2c: images for the base and negative dense prompts (one image per side and perturbation index)."""
+class ImageSamplingConfig(StageConfig):
+    """How images are drawn (the classifier-free-guidance sampler): one declaration shared by rendering (stage 2c)
+    and the held-out evaluation, so a round and its evaluation sample alike unless a user sets them apart."""
 
     cfg_weight: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance weight w (paper: 5). Higher "
                               "= closer to the prompt, less diverse; 1 = no guidance.")
     temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature of image tokens (paper: 1).")
-    seed: int = Field(0, description="Base seed; image k of an item uses a seed derived from (seed, item_id, k), "
-                      "shared by its base and negative sides so the pair differs only by the prompt.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance). "
-                            "Larger = faster on a GPU until memory runs out.")
-    compile_mode: CompileMode = Field("auto", description=COMPILE_MODE_HELP)
+    seed: Seed = Field(0, description="Base seed; image k of an item (or of a held-out prompt) is drawn with a seed "
+                       "derived from (seed, its id, k): a pair's base and negative sides share their noise, and two "
+                       "models are evaluated on the same noise, so they differ only by the prompt or the model.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance; "
+                            "an evaluation also judges this many images per self-VQA batch). Larger = faster on a GPU "
+                            "until memory runs out; a CUDA out-of-memory halves it and goes on.")
+    compile_mode: CompileMode = Field(
+        "auto",
+        description="torch.compile mode of the sampler's per-token step. auto: CUDA graphs (reduce-overhead) on a "
+        "GPU, where eager steps are launch-bound (2.2-4.3x faster at 64 images on an H200, about a minute to "
+        "compile), eager on the CPU, where compiling costs more than it saves.",
+    )
+
+
+class RenderConfig(ImageSamplingConfig):
+    """Stage 2c: images for the base and negative dense prompts (one image per side and perturbation index)."""
 
 
 class VQAConfig(StageConfig):
@@ -283,10 +319,10 @@ class RoundConfig(StageConfig):
     """One OSPO self-improvement round: the model writes prompts, builds hard negatives, draws and judges images,
     selects preference pairs and trains a LoRA adapter on them. These fields are the Prefect run form."""
 
-    round_id: str | None = Field(
-        None, description="Folder name under OSPO_HOME/runs; empty = a new id from the date and time. Reuse an id "
-        "to resume or re-run a round: finished stages are cache hits, finished shards are skipped.",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    round_id: Annotated[str, AfterValidator(store.check_round_id)] | None = Field(
+        None, description="Folder name under OSPO_HOME/runs (1-128 letters, digits, '.', '_' or '-', no '..'); "
+        "empty = a new id from the date and time. Reuse an id to resume or re-run a round: finished stages are "
+        "cache hits, finished shards are skipped.",
     )
     model: str = Field("tiny", description="'tiny' (built-in random model, for demos and tests) or a local folder "
                        "with a transformers-format Janus checkpoint.")
@@ -358,8 +394,9 @@ def deep_update(base: dict, overrides: dict) -> dict:
     return out
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(ImageSamplingConfig):
     """Held-out evaluation: images for a benchmark's prompts, judged by the model's own yes/no answers (self-VQA).
+    The images are drawn with the same sampling settings as a round's render stage (ImageSamplingConfig).
 
     The judge is the evaluated model itself, not GenEval's detector nor T2I-CompBench's scorers: the numbers track a
     model across rounds and are not comparable with published benchmark scores.
@@ -380,17 +417,6 @@ class EvalConfig(StageConfig):
         4, ge=1, le=64, description="Images drawn per prompt (GenEval draws 4). More = a steadier metric, "
         "proportionally more sampling time."
     )
-    seed: int = Field(
-        0, description="Base seed; image k of a prompt is drawn with seed row_seed(seed, prompt_id, k), so every "
-        "model is evaluated on the same prompts with the same noise and two evaluations differ only by the model."
-    )
-    cfg_weight: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance weight of the evaluation "
-                              "images (paper: 5). Higher = closer to the prompt, less diverse.")
-    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature of image tokens (paper: 1).")
-    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance) "
-                            "and images per self-VQA batch. Larger = faster on a GPU until memory runs out; a CUDA "
-                            "out-of-memory halves it and goes on.")
-    compile_mode: CompileMode = Field("auto", description=COMPILE_MODE_HELP)
     questions: QuestionsConfig = Field(
         default_factory=QuestionsConfig,
         description="How prompts without metadata get their decompositional questions (the stage-3a questions "
@@ -458,7 +484,7 @@ class PretrainConfig(StageConfig):
     unconditional_prob: float = Field(0.1, ge=0, lt=1, description="Fraction of rows whose caption is blanked (the "
                                       "sampler's unconditional twin), so classifier-free guidance has an "
                                       "unconditional model to push away from; Janus trains with 10%.")
-    seed: int = Field(0, description="Seed of the initial weights, the captions and the scenes.")
+    seed: Seed = Field(0, description="Seed of the initial weights, the captions and the scenes.")
     hidden_size: int = Field(128, ge=16, le=4096, description="Width of the language model. Wider and deeper = "
                              "learns to count and relate objects in fewer steps, but every step, round and sample "
                              "costs more.")
@@ -482,7 +508,7 @@ class TestbedConfig(StageConfig):
 
     rounds: int = Field(2, ge=1, le=20, description="Rounds per setting; round n+1 draws its data with the model "
                         "of round n. More rounds = more self-improvement, proportionally more time.")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Repeats of the whole table; each seed changes the "
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="Repeats of the whole table; each seed changes the "
                              "rounds' prompts, images, training order and evaluation noise (not the checkpoint).")
     settings: list[str] = Field(list(TESTBED_SETTINGS), min_length=1, description="Which training settings to "
                                 f"compare, from {list(TESTBED_SETTINGS)}.")

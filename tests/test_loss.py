@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from ospo_core.config import TrainConfig
 from ospo_core.train.loss import (
     OSPOLossConfig,
     conditional_preference_loss,
@@ -71,9 +72,6 @@ class TestPreferenceTerms:
         with pytest.raises(ValueError, match="chosen_logps and rejected_logps"):
             simpo_loss(_t(-2.0, -1.0), _t(-2.6), beta=3.0, gamma_beta_ratio=0.5)
 
-    def test_label_smoothing_out_of_range_is_refused(self):
-        with pytest.raises(ValueError, match="label_smoothing"):
-            simpo_loss(_t(-2.0), _t(-2.6), beta=3.0, gamma_beta_ratio=0.5, label_smoothing=0.6)
 
 
 class TestSFT:
@@ -241,6 +239,33 @@ class TestOSPOLoss:
     def test_config_refuses_negative_weight(self):
         with pytest.raises(ValueError, match="sft_weight"):
             OSPOLossConfig(sft_weight=-1.0)
+
+    def test_config_refuses_label_smoothing_out_of_range(self):
+        """ε is a flip probability below 1/2 (at 1/2 the pair term no longer prefers anything)."""
+        with pytest.raises(ValueError, match="label_smoothing"):
+            OSPOLossConfig(label_smoothing=0.6)
+
+    def test_train_config_is_the_loss_config(self):
+        """The round's train settings reach the loss unchanged: TrainConfig(copo_weight=0) gives the V3 value
+        0.8·1.801471 + 1.5·2.0 of test_no_copo_ignores_swapped."""
+        loss, _ = ospo_loss(CHOSEN, REJECTED, None, TOKENS, TOKEN_MASK, TrainConfig(copo_weight=0.0))
+        assert_close(loss, torch.tensor(0.8 * MEAN_SIMPO + 1.5 * SFT))
+
+    def test_dpo_pair_term_hand_value(self):
+        """loss = "dpo", β₁ = 0.5, only the pair term: the dpo_loss example, π_w = -2.0, π_l = -2.6, ρ_w = -2.1,
+        ρ_l = -2.4: z = 0.5·(0.6 - 0.3) = 0.15, L = log(1 + e^-0.15) = 0.620957."""
+        cfg = OSPOLossConfig(loss="dpo", simpo_beta=0.5, simpo_weight=1.0, copo_weight=0.0, sft_weight=0.0)
+        loss, _ = ospo_loss(_t(-2.0), _t(-2.6), None, TOKENS[:1], TOKEN_MASK[:1], cfg,
+                            reference_logps=(_t(-2.1), _t(-2.4)))
+        assert_close(loss, torch.tensor(0.620957))
+
+    def test_reference_logps_must_match_the_loss(self):
+        dpo = OSPOLossConfig(loss="dpo")
+        with pytest.raises(ValueError, match="loss='dpo' but reference_logps is None"):
+            ospo_loss(CHOSEN, REJECTED, SWAPPED, TOKENS, TOKEN_MASK, dpo)
+        with pytest.raises(ValueError, match="loss='ospo' but reference_logps is given"):
+            ospo_loss(CHOSEN, REJECTED, SWAPPED, TOKENS, TOKEN_MASK, OSPOLossConfig(),
+                      reference_logps=(CHOSEN, REJECTED))
 
 
 class TestGradients:

@@ -6,17 +6,18 @@ Inputs are the length-normalised image-token log-likelihoods ℓ(x, y) = (1/|y|)
 ``[B]``, produced by the trainer's forward pass. All arithmetic runs in fp32 (bf16 inputs are upcast first) and every
 log-sigmoid goes through ``F.logsigmoid``, which stays finite for margins of any size.
 
-``ospo_loss`` writes out the paper's weighted sum once; there is no switch over loss-type strings.
+``ospo_loss`` writes out the paper's weighted sum once; there is no switch over loss-type strings. Its weights and
+scales are an ``OSPOLossConfig`` (ospo_core.config, also the base of TrainConfig), which validates every value, so
+the functions here check only tensor shapes.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ospo_core.config import OSPOLossConfig
 
 # Added to the min-max range so an all-zero (or constant) map normalises to 0 instead of 0/0 = NaN (V3 uses 1e-8).
 _MINMAX_EPS = 1e-8
@@ -32,11 +33,6 @@ def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
     """-(1 - ε)·log σ(z) - ε·log σ(-z): the conservative (cDPO) loss, equal to -log σ(z) when ε = 0."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"label_smoothing must be in [0, 0.5) (it is the assumed probability that a preference label is flipped); "
-            f"got {label_smoothing}. Use 0.0 for the paper's setting."
-        )
     losses = -F.logsigmoid(logits)
     if label_smoothing > 0.0:
         losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
@@ -61,7 +57,7 @@ def simpo_loss(
         rejected_logps: [B] ℓ(x_c, y_l) of the rejected image under the same prompt.
         beta: β, the reward scale (paper v2: β₁ = 3).
         gamma_beta_ratio: r = γ/β, the target margin in log-likelihood units (paper v2: r₁ = 0.5, so γ₁ = 1.5).
-        label_smoothing: ε, assumed label-flip probability (paper: 0).
+        label_smoothing: ε in [0, 0.5), assumed label-flip probability (paper: 0).
 
     Returns:
         ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are β·ℓ, detached.
@@ -131,7 +127,7 @@ def dpo_loss(
         reference_chosen_logps: [B] ρ_w = ℓ_ref(x, y_w) (no gradient is expected through it).
         reference_rejected_logps: [B] ρ_l = ℓ_ref(x, y_l).
         beta: β, strength of the KL tie to the reference.
-        label_smoothing: ε, assumed label-flip probability.
+        label_smoothing: ε in [0, 0.5), assumed label-flip probability.
 
     Returns:
         ``(losses [B], chosen_rewards [B], rejected_rewards [B])``.
@@ -274,47 +270,6 @@ def object_weights(
     return 1.0 + alpha * normalised.pow(gamma).clamp(0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class OSPOLossConfig:
-    """Weights and scales of the OSPO objective; defaults are paper v2 (configs/step4.yaml, spec §4).
-
-    L = mean_batch(simpo_weight·L_S + copo_weight·L_C) + sft_weight·L_SFT
-
-    Attributes:
-        beta1: β₁, SimPO reward scale.
-        ratio1: r₁ = γ₁/β₁, SimPO target margin in log-likelihood units.
-        beta2: β₂, CoPO reward scale.
-        ratio2: r₂ = γ₂/β₂, CoPO target margin.
-        simpo_weight: weight of L_S; 0 drops the term (and rejected_logps may be None).
-        copo_weight: weight of L_C; 0 drops the term (V3 setting; swapped_logps may be None).
-        sft_weight: weight of L_SFT on the chosen image tokens (keeps the policy near its own good samples).
-        label_smoothing: ε for L_S (paper: 0).
-    """
-
-    beta1: float = 3.0
-    ratio1: float = 0.5
-    beta2: float = 5.0
-    ratio2: float = 0.5
-    simpo_weight: float = 0.8
-    copo_weight: float = 0.5
-    sft_weight: float = 1.5
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("beta1", "ratio1", "beta2", "ratio2", "simpo_weight", "copo_weight", "sft_weight"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"OSPOLossConfig.{name} must be finite; got {getattr(self, name)}.")
-        if self.beta1 <= 0 or self.beta2 <= 0:
-            raise ValueError(f"beta1 and beta2 must be > 0; got {self.beta1}, {self.beta2}. Paper v2: 3.0 and 5.0.")
-        for name in ("simpo_weight", "copo_weight", "sft_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"OSPOLossConfig.{name} must be >= 0 (0 switches the term off); got {getattr(self, name)}."
-                )
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5); got {self.label_smoothing}.")
-
-
 def ospo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor | None,
@@ -335,9 +290,9 @@ def ospo_loss(
         swapped_logps: [B] ℓ(x_r, y_w), or None when copo_weight == 0.
         chosen_token_logps: [B, T] per-token log-probs of the chosen sequence for L_SFT (always unweighted).
         chosen_mask: [B, T] 1 on the chosen image-token positions.
-        cfg: weights and scales.
-        reference_logps: ``(ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l))`` from the frozen reference; when given, the pair term
-            is sigmoid DPO (β₁, the same label smoothing) instead of SimPO — the `loss: dpo` ablation.
+        cfg: weights and scales (a TrainConfig is one).
+        reference_logps: ``(ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l))`` from the frozen reference, required when
+            ``cfg.loss == "dpo"``: the pair term is then sigmoid DPO (β₁, the same label smoothing) instead of SimPO.
 
     Returns:
         ``(loss, metrics)``: a scalar fp32 loss, and detached fp32 scalars under TRL's names —
@@ -358,6 +313,12 @@ def ospo_loss(
     metrics: dict[str, Tensor] = {"logps/chosen": chosen_logps.detach().float().mean()}
     pair_losses = torch.zeros_like(chosen_logps, dtype=torch.float32)  # (B,)
 
+    if (reference_logps is not None) != (cfg.loss == "dpo"):
+        raise ValueError(
+            f"loss={cfg.loss!r} but reference_logps is {'None' if reference_logps is None else 'given'}: the dpo pair "
+            f"term needs the frozen reference's (ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l)) and ospo uses none; pass them "
+            f"exactly when loss='dpo'."
+        )
     if cfg.simpo_weight > 0:
         if rejected_logps is None:
             raise ValueError("rejected_logps is None but simpo_weight > 0; pass ℓ(x_c, y_l) or set simpo_weight=0.")
@@ -365,13 +326,14 @@ def ospo_loss(
             losses, chosen_rewards, rejected_rewards = simpo_loss(
                 chosen_logps,
                 rejected_logps,
-                beta=cfg.beta1,
-                gamma_beta_ratio=cfg.ratio1,
+                beta=cfg.simpo_beta,
+                gamma_beta_ratio=cfg.simpo_gamma_ratio,
                 label_smoothing=cfg.label_smoothing,
             )
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, *reference_logps, beta=cfg.beta1, label_smoothing=cfg.label_smoothing
+                chosen_logps, rejected_logps, *reference_logps, beta=cfg.simpo_beta,
+                label_smoothing=cfg.label_smoothing,
             )
         pair_losses = pair_losses + cfg.simpo_weight * losses
         metrics["loss/preference"] = cfg.simpo_weight * losses.detach().mean()
@@ -388,7 +350,7 @@ def ospo_loss(
                 "or set copo_weight=0 to train without CoPO."
             )
         losses, chosen_rewards, swapped_rewards = conditional_preference_loss(
-            chosen_logps, swapped_logps, beta=cfg.beta2, gamma_beta_ratio=cfg.ratio2
+            chosen_logps, swapped_logps, beta=cfg.copo_beta, gamma_beta_ratio=cfg.copo_gamma_ratio
         )
         pair_losses = pair_losses + cfg.copo_weight * losses
         metrics["loss/conditional"] = cfg.copo_weight * losses.detach().mean()

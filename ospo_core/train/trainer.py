@@ -23,41 +23,27 @@ from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from ospo_core.config import TrainConfig
+from ospo_core.config import OSPOLossConfig, TrainConfig
 from ospo_core.janus.load import LORA_TARGET_REGEX, JanusBundle, write_adapter_meta
 from ospo_core.janus.score import image_token_logps
 from ospo_core.records import TRAIN_HISTORY
 from ospo_core.train.data import OSPOCollator, pairs_to_dataset, tokenize_prompts
-from ospo_core.train.loss import OSPOLossConfig, ospo_loss, weighted_mean_logps
+from ospo_core.train.loss import ospo_loss, weighted_mean_logps
 
 
 @dataclass
 class OSPOConfig(DPOConfig):
-    r"""DPOConfig plus the OSPO objective (paper symbols; defaults = v2).
+    r"""DPOConfig plus the OSPO objective.
 
     Parameters:
-        loss (`str`, defaults to `"ospo"`): `"ospo"` (SimPO + CoPO + SFT, reference-free) or `"dpo"` (the pair term
-            is sigmoid DPO against the model with the adapter disabled).
-        simpo_beta (`float`, defaults to `3.0`): β₁.  simpo_gamma_ratio (`float`, defaults to `0.5`): γ₁/β₁.
-        copo_beta (`float`, defaults to `5.0`): β₂.  copo_gamma_ratio (`float`, defaults to `0.5`): γ₂/β₂.
-        simpo_weight, copo_weight, sft_weight (`float`, defaults to `0.8, 0.5, 1.5`): weights of the three terms.
+        objective (`OSPOLossConfig`, defaults to the paper's v2 values): the loss (`"ospo"`: SimPO + CoPO + SFT,
+            reference-free; `"dpo"`: the pair term is sigmoid DPO against the model with the adapter disabled), its
+            scales β₁, γ₁/β₁, β₂, γ₂/β₂, the weights of its three terms and the label smoothing ε. A `TrainConfig` is
+            one, so the round's settings reach the loss without a copy; DPOConfig's own `beta`, `loss_type` and
+            `label_smoothing` are not read.
     """
 
-    loss: str = field(default="ospo", metadata={"help": "ospo | dpo"})
-    simpo_beta: float = field(default=3.0, metadata={"help": "β₁"})
-    simpo_gamma_ratio: float = field(default=0.5, metadata={"help": "γ₁/β₁"})
-    copo_beta: float = field(default=5.0, metadata={"help": "β₂"})
-    copo_gamma_ratio: float = field(default=0.5, metadata={"help": "γ₂/β₂"})
-    simpo_weight: float = field(default=0.8, metadata={"help": "weight of the pair term"})
-    copo_weight: float = field(default=0.5, metadata={"help": "weight of the conditional preference term"})
-    sft_weight: float = field(default=1.5, metadata={"help": "weight of the chosen-image NLL"})
-
-    def loss_config(self) -> OSPOLossConfig:
-        return OSPOLossConfig(
-            beta1=self.simpo_beta, ratio1=self.simpo_gamma_ratio, beta2=self.copo_beta, ratio2=self.copo_gamma_ratio,
-            simpo_weight=self.simpo_weight, copo_weight=self.copo_weight, sft_weight=self.sft_weight,
-            label_smoothing=self.label_smoothing,
-        )
+    objective: OSPOLossConfig = field(default_factory=OSPOLossConfig, metadata={"help": "the OSPO objective"})
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,7 +55,6 @@ class OSPOTrainer(DPOTrainer):
         collator = OSPOCollator(pad_token_id=processing_class.tokenizer.pad_token_id)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=collator, peft_config=peft_config, **kwargs)
-        self.loss_cfg = args.loss_config()
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         frozen_ok = all("lora_" in n and "language_model" in n for n in trainable)
         if not trainable or not frozen_ok:
@@ -106,10 +91,10 @@ class OSPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         per_token = self.concatenated_forward(model, inputs)  # (3B, N)
         chosen, rejected, swapped = self._sequence_logps(per_token, inputs).chunk(3)  # (B,) each
-        reference = self.compute_ref_log_probs(model, inputs) if self.args.loss == "dpo" else None
+        reference = self.compute_ref_log_probs(model, inputs) if self.args.objective.loss == "dpo" else None
         batch = chosen.shape[0]
         loss, metrics = ospo_loss(chosen, rejected, swapped, per_token[:batch], torch.ones_like(per_token[:batch]),
-                                  self.loss_cfg, reference_logps=reference)
+                                  self.args.objective, reference_logps=reference)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite OSPO loss ({loss.item()}) at step {self.state.global_step}: training stopped; the last "
@@ -144,9 +129,7 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device,
     cosine = cfg.lr_scheduler == "cosine"
     return OSPOConfig(
         output_dir=str(output_dir),
-        loss=cfg.loss, simpo_beta=cfg.simpo_beta, simpo_gamma_ratio=cfg.simpo_gamma_ratio,
-        copo_beta=cfg.copo_beta, copo_gamma_ratio=cfg.copo_gamma_ratio, simpo_weight=cfg.simpo_weight,
-        copo_weight=cfg.copo_weight, sft_weight=cfg.sft_weight, label_smoothing=cfg.label_smoothing,
+        objective=cfg,
         learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=1e-8,
         weight_decay=0.0,
         lr_scheduler_type="cosine_with_min_lr" if cosine else "constant",
