@@ -1,7 +1,10 @@
 """Load a Janus model: the built-in tiny one or a local transformers-format checkpoint, plus LoRA adapters.
 
 The one loader of the project. Nothing is downloaded (`local_files_only`), weights load from safetensors only and
-no remote code runs. Adapters are applied in order and merged, so round N+1 starts from base + adapters of rounds
+no code from a checkpoint folder runs: every `from_pretrained` passes `trust_remote_code=False`, so an `auto_map`
+in the folder's JSON is never imported and transformers never asks "Do you wish to run the custom code?". Only
+regular files are read: a weights file that is a fifo or a link to a device (which would block or never end) is
+refused. Adapters are applied in order and merged, so round N+1 starts from base + adapters of rounds
 1..N; each adapter records the fingerprint of the model it was trained from, and applying it to another model is
 refused.
 """
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +25,8 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration, JanusImag
 
 from ospo_core.janus.chat import BEGIN_OF_IMAGE, CHAT_TEMPLATE
 from ospo_core.janus.tiny import build_tiny_janus
+
+log = logging.getLogger("ospo.load")
 
 # Written beside every adapter we save: which model it was trained from.
 ADAPTER_META = "ospo_adapter.json"
@@ -110,12 +117,37 @@ def check_model_source(source: str | os.PathLike) -> None:
         _check_folder(Path(source))
 
 
+def _check_regular_files(folder: Path) -> None:
+    """Refuse a folder holding anything but regular files and folders (after links): a fifo or a device such as
+    /dev/zero under a weights or tokenizer name would block the loader or feed it without end."""
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() or path.is_dir()):
+            raise ModelLoadError(
+                f"{path} is not a regular file (a device, fifo, socket or broken link); only regular files are "
+                f"loaded: replace it with the real file or remove it from {folder}"
+            )
+
+
+def _auto_map_files(folder: Path) -> list[str]:
+    """The folder's JSON files that name custom code (`auto_map`), which is never run."""
+    named = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            document = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # the loader itself reports a damaged file
+        if isinstance(document, dict) and "auto_map" in document:
+            named.append(path.name)
+    return named
+
+
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelLoadError(
             f"model folder {folder} does not exist; pass --model tiny or a local folder holding a "
             "transformers-format Janus checkpoint (config.json, *.safetensors, tokenizer files)"
         )
+    _check_regular_files(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{folder} is not a model checkpoint: it has no config.json")
@@ -136,14 +168,27 @@ def _check_folder(folder: Path) -> None:
 
 def _load_folder(folder: Path, dtype: torch.dtype):
     _check_folder(folder)
+    custom_code = _auto_map_files(folder)
     try:
         model = JanusForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side="left")
-        image_processor = JanusImageProcessorPil.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, padding_side="left", trust_remote_code=False
+        )
+        image_processor = JanusImageProcessorPil.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"could not load the Janus checkpoint in {folder}: {exc}") from exc
+        if custom_code:
+            raise ModelLoadError(
+                f"could not load the Janus checkpoint in {folder} without running its own code: "
+                f"{', '.join(custom_code)} name custom classes ('auto_map'), which are never run; use a "
+                "transformers-native Janus checkpoint (remove 'auto_map' and name a transformers class)"
+            ) from exc
+        reason = " ".join(str(exc).split())  # transformers' messages span lines; ours is one
+        raise ModelLoadError(f"could not load the Janus checkpoint in {folder}: {reason}") from exc
+    if custom_code:
+        log.warning("%s: ignored 'auto_map' in %s; the folder's own code is never run, transformers' Janus classes "
+                    "were used", folder, ", ".join(custom_code))
     processor = JanusProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -177,11 +222,18 @@ def apply_adapter(bundle: JanusBundle, adapter: str | os.PathLike) -> JanusBundl
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise ModelLoadError(
-            f"{adapter} is not a LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors)"
+            f"{adapter} is not a LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors as "
+            "regular files)"
         )
+    _check_regular_files(adapter)
     meta_path = adapter / ADAPTER_META
     if meta_path.is_file():
-        base = json.loads(meta_path.read_text()).get("base_fingerprint")
+        try:
+            base = json.loads(meta_path.read_bytes()).get("base_fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelLoadError(
+                f"{meta_path} is not a JSON object ({exc}); restore it or retrain the adapter"
+            ) from exc
         if base != bundle.fingerprint:
             raise ModelLoadError(
                 f"adapter {adapter} was trained from model {base}, but it is being applied to model "
@@ -222,6 +274,8 @@ _FILE_HASHES: dict[tuple, str] = {}
 def _hash_file(path: Path) -> str:
     """sha256 of a file, memoised on (path, size, mtime) so a 14 GB checkpoint is read once per process."""
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # /dev/zero never ends, a fifo blocks
+        raise ModelLoadError(f"{path} is not a regular file (a device, fifo or socket); only regular files are read")
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
         h = hashlib.sha256()
