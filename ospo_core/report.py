@@ -71,68 +71,53 @@ def summary_markdown(round_id: str, manifest: dict, training: dict[str, float], 
     return "\n".join(lines)
 
 
-# Line colours of the metrics plot: the overall line is black, categories cycle through these.
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf")
+def new_figure(width_px: int, height_px: int, dpi: int = 100):
+    """A matplotlib Figure on the Agg canvas, outside pyplot: no global figure registry, safe in worker threads,
+    never a window. matplotlib is imported here so that importing this module stays cheap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_image(figure) -> Image.Image:
+    """Render a figure from `new_figure` to an RGB PIL image (callers save it as PNG, or embed it)."""
+    figure.canvas.draw()
+    rgba = figure.canvas.buffer_rgba()
+    return Image.frombuffer("RGBA", figure.canvas.get_width_height(), rgba, "raw", "RGBA", 0, 1).convert("RGB")
 
 
 def metrics_plot(labels: list[str], panels: dict[str, dict[str, list[float | None]]], promoted: list[bool | None],
                  title: str, note: str = "") -> Image.Image:
     """One panel per metric with a line per series ("overall" thick and black, then the categories) across the
     points `labels` (rounds). The overall marker is filled for a promoted round, hollow for one kept but not
-    promoted, square for a point that is not a round's trained model. Missing values break the line.
-
-    Drawn with PIL (no plotting library in the dependencies); axis ranges fit the data."""
+    promoted, square for a point that is not a round's trained model. Missing values break the line."""
     import textwrap
 
     width = max(640, 140 + 110 * len(labels) + 170)
-    note_lines = textwrap.wrap(note, width=(width - 80) // 6)
-    panel_h, top, left, right = 260, 30 + 14 * len(note_lines), 64, 170
-    image = Image.new("RGB", (width, top + panel_h * len(panels) + 10), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title, fill="black")
-    for i, line in enumerate(note_lines):
-        draw.text((left, 24 + 14 * i), line, fill="#555555")
-    plot_w = width - left - right
-    xs = [left + plot_w * (i + 0.5) / max(len(labels), 1) for i in range(len(labels))]
-    for p, (metric, lines) in enumerate(panels.items()):
-        y0, y1 = top + p * panel_h + 10, top + (p + 1) * panel_h - 40  # plot area, top and bottom
-        values = [v for series in lines.values() for v in series if v is not None]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        pad = max((hi - lo) * 0.1, 0.01)
-        lo, hi = lo - pad, hi + pad
-
-        def y_of(v: float) -> float:
-            return y1 - (v - lo) / (hi - lo) * (y1 - y0)
-
-        draw.rectangle([left, y0, left + plot_w, y1], outline="#888888")
-        for t in range(5):
-            v = lo + (hi - lo) * t / 4
-            draw.line([left, y_of(v), left + plot_w, y_of(v)], fill="#eeeeee")
-            draw.text((4, y_of(v) - 6), f"{v:+.3f}", fill="#444444")
-        draw.text((left + 4, y0 + 2), metric, fill="black")
-        for i, label in enumerate(labels):
-            shown = label if len(label) <= 20 else "..." + label[-17:]  # round ids differ at their end
-            draw.text((xs[i] - 3 * len(shown), y1 + 6 + 12 * (i % 2)), shown, fill="#444444")
-        # overall last, so its promotion markers sit on top of the category lines
-        for n, (name, series) in reversed(list(enumerate(lines.items()))):
-            colour = "black" if name == "overall" else _PALETTE[(n - 1) % len(_PALETTE)]
-            wide = 3 if name == "overall" else 1
-            for i in range(len(series) - 1):
-                if series[i] is not None and series[i + 1] is not None:
-                    draw.line([xs[i], y_of(series[i]), xs[i + 1], y_of(series[i + 1])], fill=colour, width=wide)
-            for i, v in enumerate(series):
-                if v is None:
-                    continue
-                r = 5 if name == "overall" else 3
-                box = [xs[i] - r, y_of(v) - r, xs[i] + r, y_of(v) + r]
-                if name != "overall" or promoted[i] is True:
-                    draw.ellipse(box, fill=colour)
-                elif promoted[i] is False:
-                    draw.ellipse(box, fill="white", outline=colour, width=2)
-                else:
-                    draw.rectangle(box, fill=colour)
-            legend_y = y0 + 14 * n
-            draw.line([left + plot_w + 10, legend_y + 6, left + plot_w + 30, legend_y + 6], fill=colour, width=wide)
-            draw.text((left + plot_w + 36, legend_y), name[:20], fill="black")
-    return image
+    note = "\n".join(textwrap.wrap(note, width=(width - 80) // 7))
+    figure = new_figure(width, 60 + 16 * note.count("\n") + 260 * len(panels))
+    figure.suptitle(f"{title}\n{note}" if note else title, fontsize=9, ha="left", x=0.01)
+    xs = range(len(labels))
+    # round ids differ at their end, so long ones keep it
+    ticks = [label if len(label) <= 20 else "..." + label[-17:] for label in labels]
+    for axes, (metric, lines) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items()):
+        axes.set_title(metric, fontsize=9, loc="left")
+        axes.grid(axis="y", color="#eeeeee")
+        axes.set_xticks(list(xs), ticks, fontsize=7, rotation=20, ha="right")
+        axes.tick_params(axis="y", labelsize=7)
+        for n, (name, series) in enumerate(lines.items()):
+            values = [float("nan") if v is None else v for v in series]  # NaN breaks the line
+            if name != "overall":
+                axes.plot(xs, values, marker="o", markersize=3, linewidth=1, color=f"C{(n - 1) % 10}", label=name[:20])
+                continue
+            axes.plot(xs, values, linewidth=3, color="black", label=name, zorder=3)  # above the categories
+            for decided, style in ((True, {"facecolor": "black"}), (False, {"facecolor": "white"}),
+                                   (None, {"facecolor": "black", "marker": "s"})):
+                at = [i for i, v in enumerate(series) if v is not None and promoted[i] is decided]
+                axes.scatter(at, [series[i] for i in at], s=40, edgecolors="black", linewidths=1.5, zorder=4,
+                             **{"marker": "o", **style})
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return figure_image(figure)

@@ -4,11 +4,15 @@ restart from the base model) when it is lost; retention is safe to run after eve
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ospo_core import store
 
+REPO = Path(__file__).resolve().parents[1]
 
 def _close_round(home, round_id, finished, *, promoted=False, adapters=()):
     """What closing a round leaves behind: a finished manifest with an adapter, then the registry entry."""
@@ -153,3 +157,41 @@ def test_retention_after_every_round_keeps_lineages_running_and_unregistered_rou
     assert store.prune_rounds(tmp_path, keep_last=1) == ["r3", "r4"]
     assert store.prune_rounds(tmp_path, keep_last=1) == []
     assert store.latest_promoted(tmp_path)["round_id"] == "r2"
+
+
+# ---------------------------------------------------------------- plots of the rounds (matplotlib, Agg)
+
+LABELS = ["start", "ospo-20250101-120000-1", "ospo-20250101-120000-2"]
+PANELS = {"mean_score": {"overall": [0.1, 0.3, 0.2], "color": [0.0, None, 0.4]},
+          "all_yes": {"overall": [0.5, 0.6, 0.4], "color": [0.4, 0.5, 0.6]}}
+
+
+def test_metrics_plot_shows_every_panel_and_the_promotion_decisions():
+    from ospo_core.report import metrics_plot
+
+    image = metrics_plot(LABELS, PANELS, [None, True, False], title="geneval", note="self-judged " * 30)
+    assert image.mode == "RGB" and image.width >= 640
+    one_panel = metrics_plot(LABELS, {"mean_score": PANELS["mean_score"]}, [None, True, False], title="geneval")
+    assert image.height > one_panel.height + 200  # a panel per metric
+    # Filled and hollow markers differ: the decision is visible, not only the value.
+    assert metrics_plot(LABELS, PANELS, [None, True, True], title="geneval", note="self-judged " * 30) != image
+
+
+def test_ablation_plot_has_the_requested_size_and_follows_the_numbers():
+    from ospo_core.testbed.report import results_plot
+
+    rows = [{"setting": s, "seed": seed, "round": n, "category": "all", "exact": 0.3 + 0.1 * n + 0.01 * seed,
+             "hallucination": 0.2 - 0.02 * n} for s in ("sft", "ospo") for seed in range(2) for n in range(3)]
+    image = results_plot(rows, width=800, height=360)
+    assert image.size == (800, 360) and image.mode == "RGB"
+    rows[-1] = {**rows[-1], "exact": 0.9}
+    assert results_plot(rows, width=800, height=360) != image
+
+
+def test_plotting_keeps_imports_cheap_and_stays_off_pyplot():
+    """Importing the report modules loads no matplotlib; plotting uses the Agg canvas and never pyplot's global
+    figures (which leak memory and are not thread-safe in Prefect's worker threads)."""
+    code = ("import sys; import ospo_core.report, ospo_core.testbed.report; assert 'matplotlib' not in sys.modules; "
+            "ospo_core.report.metrics_plot(['a', 'b'], {'m': {'overall': [0.0, 1.0]}}, [None, True], title='t'); "
+            "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

@@ -1,4 +1,4 @@
-"""The ablation table as text and as a plot (PIL only), from the result rows of `ablation.run_ablation`.
+"""The ablation table as text and as a plot (matplotlib), from the result rows of `ablation.run_ablation`.
 
 Spread over seeds is shown as mean ± sample standard deviation and as [min, max]; with one seed only the mean.
 """
@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import statistics
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ospo_core.config import TESTBED_SETTINGS
+from ospo_core.report import figure_image, new_figure
 from ospo_core.testbed.world import CATEGORIES
 
 # One colour per setting, in TESTBED_SETTINGS order, so a setting keeps its colour in every plot.
-PALETTE = [(120, 120, 120), (230, 120, 20), (200, 170, 0), (30, 110, 220), (20, 160, 90), (190, 40, 160)]
+PALETTE = ["#787878", "#e67814", "#c8aa00", "#1e6edc", "#14a05a", "#be28a0"]
 
 
-def _colour(setting: str) -> tuple[int, int, int]:
+def _colour(setting: str) -> str:
     return PALETTE[list(TESTBED_SETTINGS).index(setting) % len(PALETTE)]
 
 
@@ -67,49 +68,25 @@ def results_table(rows: list[dict]) -> str:
 
 def results_plot(rows: list[dict], width: int = 980, height: int = 430) -> Image.Image:
     """Two panels over rounds: exact-scene accuracy and hallucination rate; a line per setting (mean over seeds)
-    with a bar from the min to the max seed."""
+    with a bar from the min to the max seed. `width` and `height` are in pixels."""
     settings, rounds = _ordered(rows, "setting"), sorted(_ordered(rows, "round"))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    legend = 150
-    panel = (width - legend) // 2
-    for p, (metric, title) in enumerate([("exact", "held-out exact-scene accuracy"),
-                                         ("hallucination", "hallucination rate")]):
-        left, top, right, bottom = p * panel + 50, 30, (p + 1) * panel - 15, height - 40
-        values = [v for s in settings for n in rounds for v in _values(rows, s, n, metric)]
-        low, high = min(values), max(values)
-        pad = max(0.02, 0.1 * (high - low))
-        low, high = max(0.0, low - pad), min(1.0, high + pad)
-
-        def x(n: int) -> float:
-            return left + (right - left) * (n - rounds[0]) / max(1, rounds[-1] - rounds[0])
-
-        def y(v: float) -> float:
-            return bottom - (bottom - top) * (v - low) / (high - low)
-
-        draw.text((left, 8), title, fill="black")
-        draw.rectangle((left, top, right, bottom), outline="black")
-        for i in range(5):
-            v = low + (high - low) * i / 4
-            draw.line([(left - 4, y(v)), (left, y(v))], fill="black")
-            draw.text((left - 44, y(v) - 6), f"{v:.2f}", fill="black")
-        for n in rounds:
-            draw.text((x(n) - 16, bottom + 6), "start" if n == 0 else f"round {n}", fill="black")
+    figure = new_figure(width, height)
+    panels = figure.subplots(1, 2)
+    for axes, (metric, title) in zip(panels, [("exact", "held-out exact-scene accuracy"),
+                                              ("hallucination", "hallucination rate")]):
+        axes.set_title(title, fontsize=9, loc="left")
+        axes.set_xticks(rounds, ["start" if n == 0 else f"round {n}" for n in rounds], fontsize=8)
+        axes.tick_params(axis="y", labelsize=8)
+        axes.grid(axis="y", color="#eeeeee")
         for i, s in enumerate(settings):
-            colour = _colour(s)
-            shift = (i - (len(settings) - 1) / 2) * 3  # keep the seed bars of the settings apart
-            points = []
-            for n in rounds:
-                vs = _values(rows, s, n, metric)
-                px = x(n) + shift
-                draw.line([(px, y(min(vs))), (px, y(max(vs)))], fill=colour, width=1)
-                points.append((px, y(statistics.mean(vs))))
-            draw.line(points, fill=colour, width=2)
-            for px, py in points:
-                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-    for i, s in enumerate(settings):
-        colour = _colour(s)
-        draw.line([(width - legend + 10, 40 + 18 * i), (width - legend + 30, 40 + 18 * i)], fill=colour, width=3)
-        draw.text((width - legend + 36, 33 + 18 * i), s, fill="black")
-    draw.text((width - legend + 10, 40 + 18 * len(settings)), "bars: min..max seed", fill="gray")
-    return image
+            shift = (i - (len(settings) - 1) / 2) * 0.02 * max(1, rounds[-1] - rounds[0])  # keep seed bars apart
+            spread = [_values(rows, s, n, metric) for n in rounds]
+            means = [statistics.mean(vs) for vs in spread]
+            below = [m - min(vs) for m, vs in zip(means, spread)]
+            above = [max(vs) - m for m, vs in zip(means, spread)]
+            axes.errorbar([n + shift for n in rounds], means, yerr=[below, above], color=_colour(s), marker="o",
+                          markersize=4, linewidth=2, elinewidth=1, capsize=0, label=s)
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False,
+                  title="bars: min..max seed", title_fontsize=7)
+    return figure_image(figure)
