@@ -1,9 +1,12 @@
 """OSPOTrainer: the overridden hooks run, only LoRA trains, margins rise, adapters reload, runs resume."""
 
 import io
+import json
+import shutil
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from ospo_core.config import TrainConfig
 from ospo_core.janus.image import sample_images
@@ -91,27 +94,85 @@ def test_training_raises_margins_only_lora_changes_and_adapter_reloads(pairs, tm
     torch.testing.assert_close(_margins(trained, pairs)[0], lc1, atol=1e-5, rtol=0)
 
 
-def test_resume_continues_from_last_checkpoint(pairs, tmp_path):
-    cfg = TrainConfig(max_steps=6, learning_rate=1e-3, save_steps=3, lora_dropout=0.0, **FAST)
-    full = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, tmp_path / "full")
-    run = tmp_path / "cut"
-    train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run)
-    import shutil
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.ran = []
 
-    shutil.rmtree(run / "checkpoint-6")  # as if the process died between step 3 and step 6
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ran.append(state.global_step)
+
+
+TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}  # wall-clock, differ run to run
+
+
+def _assert_same_history(resumed, full):
+    """Same rows in the same order, same values (timing aside); the same final metrics."""
+    rows = [[r for r in result.history.to_pylist() if r["metric"] not in TIMING] for result in (resumed, full)]
+    assert [(r["step"], r["metric"]) for r in rows[0]] == [(r["step"], r["metric"]) for r in rows[1]]
+    assert [r["value"] for r in rows[0]] == pytest.approx([r["value"] for r in rows[1]], abs=1e-6)
+    finals = [{k: v for k, v in result.final_metrics.items() if k not in TIMING} for result in (resumed, full)]
+    assert finals[0] == pytest.approx(finals[1], abs=1e-6)
+
+
+def _interrupted_at_3(pairs, cfg, run, run_key):
+    """A run that died between its checkpoints at steps 3 and 6 (before its adapter was written)."""
+    train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, run_key=run_key)
+    shutil.rmtree(run / "checkpoint-6")
     shutil.rmtree(run / "adapter")
-    from transformers import TrainerCallback
 
-    class CountSteps(TrainerCallback):
-        ran = []
 
+def test_resumed_run_logs_what_an_uninterrupted_run_logs(pairs, tmp_path):
+    """Checkpoint at step 3, logs at steps 1, 2, 4, 6: step 3's loss and metrics are not logged when the run dies, so
+    the resumed run must carry them to the step-4 log, and train_loss must average all 6 steps."""
+    cfg = TrainConfig(max_steps=6, learning_rate=1e-3, save_steps=3, lora_dropout=0.0, **{**FAST, "logging_steps": 2})
+    full = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, tmp_path / "full", run_key="k")
+    run = tmp_path / "cut"
+    _interrupted_at_3(pairs, cfg, run, "k")
+    steps = CountSteps()
+    resumed = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, callbacks=[steps], run_key="k")
+    assert steps.ran == [4, 5, 6]  # it continued from checkpoint-3, not from step 1
+    _assert_same_history(resumed, full)
+    losses = [r["value"] for r in full.history.to_pylist() if r["metric"] == "loss"]  # steps 1, 2, 4, 6
+    assert full.final_metrics["train_loss"] == pytest.approx((losses[0] + losses[1] + 2 * losses[2] + 2 * losses[3])
+                                                             / 6, abs=1e-6)
+
+
+def test_checkpoint_of_another_run_key_is_set_aside_not_resumed(pairs, tmp_path):
+    cfg = TrainConfig(max_steps=6, learning_rate=1e-3, save_steps=3, **FAST)
+    run = tmp_path / "run"
+    _interrupted_at_3(pairs, cfg, run, "old-settings")
+
+    class SetAsideWhileTraining(CountSteps):
         def on_step_end(self, args, state, control, **kwargs):
-            self.ran.append(state.global_step)
+            super().on_step_end(args, state, control, **kwargs)
+            assert (run / trainer_mod.SUPERSEDED / "checkpoint-3").is_dir()  # kept until the new adapter is saved
 
-    resumed = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, callbacks=[CountSteps()])
-    assert CountSteps.ran == [4, 5, 6]  # it continued from checkpoint-3, not from step 1
-    loss = lambda r: {(x["step"], x["metric"]): x["value"] for x in r.history.to_pylist()}[(6, "loss")]  # noqa: E731
-    assert loss(resumed) == pytest.approx(loss(full), abs=1e-5)
+    steps = SetAsideWhileTraining()
+    result = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, callbacks=[steps], run_key="new-settings")
+    assert steps.ran == [1, 2, 3, 4, 5, 6]  # started fresh
+    assert result.steps == 6 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run / trainer_mod.SUPERSEDED).exists()
+    assert trainer_mod.checkpoint_record(run / "checkpoint-6") == {"run_key": "new-settings"}
+
+
+def test_resume_false_and_unrecorded_checkpoints_start_fresh(pairs, tmp_path):
+    cfg = TrainConfig(max_steps=3, save_steps=3, **FAST)
+    run = tmp_path / "run"
+    train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, run_key="k")
+    trainer_mod.claim_checkpoints(run, "k", resume=False)
+    assert trainer_mod.last_checkpoint(run) is None and (run / trainer_mod.SUPERSEDED / "checkpoint-3").is_dir()
+    # a checkpoint from before run records (no RunRecord in its trainer state) belongs to no run
+    shutil.move(run / trainer_mod.SUPERSEDED / "checkpoint-3", run / "checkpoint-3")
+    state_file = run / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["RunRecord"]
+    state_file.write_text(json.dumps(state))
+    trainer_mod.claim_checkpoints(run, None, resume=True)
+    assert trainer_mod.last_checkpoint(run) is None
+    # a half-written checkpoint (no trainer state yet) is removed
+    (run / "checkpoint-9").mkdir()
+    trainer_mod.claim_checkpoints(run, None, resume=True)
+    assert not (run / "checkpoint-9").exists()
 
 
 def test_bad_pairs_tables(pairs, tiny, tmp_path):

@@ -51,6 +51,7 @@ class TrainJob(BaseModel):
     train: TrainConfig
     output_dir: str
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    run_key: str | None = None  # the stage's cache key: only checkpoints written under it are resumed
 
     @property
     def history_dir(self) -> Path:
@@ -60,7 +61,8 @@ class TrainJob(BaseModel):
 def train_data_parallel(job: TrainJob, num_processes: int,
                         progress: Callable[[int, int], None] | None = None) -> pa.Table:
     """Train in `num_processes` processes; returns the metric history (records.TRAIN_HISTORY). Resumes from the
-    job's last checkpoint like `train_ospo`. Raises RuntimeError with the processes' last output if they fail."""
+    job's last checkpoint written under the same `run_key`, like `train_ospo`. Raises RuntimeError with the
+    processes' last output if they fail."""
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_file = output_dir / "job.json"
@@ -106,7 +108,7 @@ def main(job_file: str) -> None:
     pairs = store.read_table(job.pairs, PAIRS, name="pairs")
     masks = store.read_table(job.masks, MASKS, name="masks") if job.masks else None
     result = train_ospo(pairs, bundle, job.train, job.output_dir, masks=masks, callbacks=[_PrintProgress()],
-                        data_parallel=job.data_parallel)
+                        data_parallel=job.data_parallel, run_key=job.run_key)
     if int(os.environ.get("RANK", "0")) == 0:
         store.write_table(result.history, job.history_dir)
     if torch.distributed.is_initialized():

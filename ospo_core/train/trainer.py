@@ -7,10 +7,16 @@ keep from TRL: dataset preparation (`_prepare_dataset`), the reference pass with
 
 One step: the collator stacks the B pairs into 3B rows (x_c, y_w), (x_c, y_l), (x_r, y_w); one forward gives the
 per-token image log-probs of all of them (logits at image positions only); `ospo_loss` does the rest.
+
+Resume. Every checkpoint records the key of the run that wrote it (`run_key`: the stage's cache key) and the loss
+accumulators the Trainer does not save (`RunRecord`). Only a checkpoint with the same key is resumed, and a resumed
+run logs the same history and final metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ import pyarrow as pa
 import torch
 from peft import LoraConfig
 from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from trl import DPOConfig, DPOTrainer
 
 from ospo_core.config import OSPOLossConfig, TrainConfig
@@ -46,15 +54,43 @@ class OSPOConfig(DPOConfig):
     objective: OSPOLossConfig = field(default_factory=OSPOLossConfig, metadata={"help": "the OSPO objective"})
 
 
+logger = logging.getLogger("ospo.trainer")
+# Checkpoints of another run wait here (under the output folder) until this run's adapter is saved.
+SUPERSEDED = "superseded"
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the checkpoints written before it are kept."""
 
 
+class RunRecord(TrainerCallback, ExportableState):
+    """What every checkpoint's trainer_state.json holds for us (the Trainer's stateful-callback slot): the key of the
+    run that wrote it, and `carry`, the loss accumulators the Trainer does not save (see OSPOTrainer)."""
+
+    def __init__(self, run_key: str | None = None, carry: dict | None = None):
+        self.run_key = run_key
+        self.carry = carry or {}
+        self.restore = None  # set by OSPOTrainer: puts a resumed checkpoint's carry back into the trainer
+
+    def state(self) -> dict:
+        return {"args": {"run_key": self.run_key}, "attributes": {"carry": self.carry}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Called after the Trainer has reset its loss accumulators; `state` is the resumed checkpoint's, if any.
+        carry = state.stateful_callbacks.get(type(self).__name__, {}).get("attributes", {}).get("carry")
+        if carry:
+            self.restore(carry)
+
+
 class OSPOTrainer(DPOTrainer):
-    def __init__(self, model, args: OSPOConfig, train_dataset, processing_class, peft_config=None, **kwargs):
+    def __init__(self, model, args: OSPOConfig, train_dataset, processing_class, peft_config=None, *,
+                 run_key: str | None = None, callbacks: list[TrainerCallback] | None = None, **kwargs):
         collator = OSPOCollator(pad_token_id=processing_class.tokenizer.pad_token_id)
+        self.record = RunRecord(run_key)
+        self.record.restore = self._restore_carry
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=collator, peft_config=peft_config, **kwargs)
+                         data_collator=collator, peft_config=peft_config, callbacks=[*(callbacks or []), self.record],
+                         **kwargs)
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         frozen_ok = all("lora_" in n and "language_model" in n for n in trainable)
         if not trainable or not frozen_ok:
@@ -103,6 +139,28 @@ class OSPOTrainer(DPOTrainer):
         for key, value in metrics.items():
             self._metrics[mode][key].append(self.accelerator.gather(value.detach()).float().mean().item())
         return (loss, {"per_token_logps": per_token.detach()}) if return_outputs else loss
+
+    # The Trainer saves neither the loss total behind `train_loss` nor the loss and TRL metrics of the steps since the
+    # last log, and resets them when it resumes; a resumed run would average only its own steps. They travel in the
+    # checkpoint instead. Every process calls _save_checkpoint, so the gather below is a matched collective.
+    def _save_checkpoint(self, model, trial):
+        pending = self.accelerator.gather(self._tr_loss.detach().reshape(1)).mean().item()  # logs average processes
+        self.record.carry = {"total_loss": self._total_loss_scalar, "pending_loss": pending,
+                             "last_logged_step": self._globalstep_last_logged,
+                             "pending_metrics": {k: list(v) for k, v in self._metrics["train"].items()}}
+        super()._save_checkpoint(model, trial)
+
+    def _restore_carry(self, carry: dict) -> None:
+        self._total_loss_scalar = carry["total_loss"]
+        self._tr_loss += carry["pending_loss"]
+        self._globalstep_last_logged = carry["last_logged_step"]
+        for key, values in carry["pending_metrics"].items():
+            self._metrics["train"][key][:0] = values
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # the Trainer divides by this call's steps; the run's mean covers all of them
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step, 1)
+        super().log(logs, start_time)
 
 
 @dataclass
@@ -156,17 +214,37 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device,
     )
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete checkpoint; a folder a crash left half-written (no trainer_state.json, which the
-    Trainer writes last) is removed so it is neither resumed from nor counted by checkpoint rotation."""
-    complete = []
+def checkpoint_record(checkpoint: Path) -> dict | None:
+    """The RunRecord a checkpoint folder holds ({"run_key": ...}; {} when it has none), or None when a crash left it
+    half-written (the Trainer writes trainer_state.json last)."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return (state.get("stateful_callbacks") or {}).get(RunRecord.__name__, {}).get("args", {})
+
+
+def claim_checkpoints(output_dir: Path, run_key: str | None, resume: bool) -> None:
+    """Leave in `output_dir` only the checkpoints this run may resume: complete ones recorded with its key (when
+    `resume`). Half-written ones are removed; those of another run (other settings or pairs: another key, or no
+    record) are moved to `superseded/`, kept until this run's adapter is saved. Run it in one process only."""
     for path in Path(output_dir).glob("checkpoint-*"):
-        if (path / "trainer_state.json").is_file():
-            complete.append(path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)  # data-parallel processes all clean up: one of them wins
-    complete.sort(key=lambda p: int(p.name.split("-")[-1]))
-    return str(complete[-1]) if complete else None
+        record = checkpoint_record(path)
+        if record is None:
+            shutil.rmtree(path)
+        elif not (resume and "run_key" in record and record["run_key"] == run_key):
+            aside = Path(output_dir) / SUPERSEDED / path.name
+            shutil.rmtree(aside, ignore_errors=True)  # an even older run's checkpoint of the same step
+            aside.parent.mkdir(exist_ok=True)
+            path.rename(aside)
+            logger.info("%s (run %s) is not resumed by run %s: moved to %s", path.name,
+                        record.get("run_key", "unrecorded"), run_key, aside)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint in `output_dir` (after claim_checkpoints: the one to resume from), or None."""
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
 
 
 def train_ospo(
@@ -178,12 +256,14 @@ def train_ospo(
     masks: pa.Table | None = None,
     callbacks: list[TrainerCallback] | None = None,
     resume: bool = True,
+    run_key: str | None = None,
     data_parallel: Literal["ddp", "fsdp"] = "ddp",
 ) -> TrainResult:
     """Train a LoRA adapter on the pairs; writes `<output_dir>/adapter` (safetensors + the base fingerprint).
 
     Takes ownership of `bundle.model` (LoRA layers are injected into it). With `resume`, an interrupted run
-    continues from its last checkpoint in `output_dir`.
+    continues from its last checkpoint in `output_dir`, but only from one written under the same `run_key` (the
+    stage's cache key: settings, pairs and model); any other checkpoint is moved aside and training starts fresh.
     """
     output_dir = Path(output_dir)
     dataset = pairs_to_dataset(pairs, bundle, cfg, masks)
@@ -191,9 +271,12 @@ def train_ospo(
     if args.bf16 is False and bundle.dtype != torch.float32:
         bundle.model.float()  # fp32 training on CPU: bf16 weights would train with bf16 rounding
     trainer = OSPOTrainer(bundle.model, args, dataset, bundle.processor, peft_config=lora_config(cfg),
-                          callbacks=callbacks)
+                          run_key=run_key, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to the history table, not to stdout
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
+    if trainer.accelerator.is_main_process:
+        claim_checkpoints(output_dir, run_key, resume)
+    trainer.accelerator.wait_for_everyone()
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
     # Written beside its final name and renamed, so a crash never leaves a half-written adapter behind.
     adapter_dir, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
     # Under data parallelism every process runs this: all take part in gathering the weights (FSDP shards them),
@@ -206,11 +289,13 @@ def train_ospo(
         write_adapter_meta(staging, bundle.fingerprint, loss=cfg.loss, steps=trainer.state.global_step)
         shutil.rmtree(adapter_dir, ignore_errors=True)
         staging.rename(adapter_dir)
+        shutil.rmtree(output_dir / SUPERSEDED, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    # Keys sorted within each log entry: a resumed run's earlier entries come back from JSON with sorted keys.
     history = [
         {"step": int(entry["step"]), "metric": key, "value": float(value)}
         for entry in trainer.state.log_history
-        for key, value in entry.items()
+        for key, value in sorted(entry.items())
         if key not in ("step", "epoch") and isinstance(value, (int, float))
     ]
     final = {r["metric"]: r["value"] for r in history}
