@@ -171,7 +171,15 @@ def prefect_api():
         return
     with temporary_server() as settings, temporary_settings(updates={
             PREFECT_API_URL: settings["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: settings["PREFECT_API_AUTH_STRING"]}):
-        yield
+        try:
+            yield
+        finally:
+            # the run's last logs and events go out while the server still answers (as prefect_test_harness does)
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
 
 
 def _run(args: argparse.Namespace) -> int:

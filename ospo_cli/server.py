@@ -95,18 +95,20 @@ def new_auth_string() -> str:
 
 
 @contextmanager
-def temporary_server(attempts: int = 3, timeout: float = 60) -> Iterator[dict[str, str]]:
+def temporary_server(attempts: int = 3, timeout: float = 60,
+                     server_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """A Prefect API on a free loopback port for the length of the block; yields the client settings to use
     (PREFECT_API_URL and a fresh PREFECT_API_AUTH_STRING, so nobody else on the machine can use it).
 
     A start that fails or times out (two rounds starting together on one database, a loaded machine) is retried on
-    a new port; the last failure is raised as one ServeError line.
+    a new port; the last failure is raised as one ServeError line. `server_env` adds settings of the server process.
     """
     auth = new_auth_string()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
     # the settings Prefect gives its own temporary server (no UI, ephemeral services), plus the credential
     env |= {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-            "PREFECT_SERVER_API_AUTH_STRING": auth}
+            "PREFECT_SERVER_API_AUTH_STRING": auth} | (server_env or {})
+    auth = env["PREFECT_SERVER_API_AUTH_STRING"]
     import prefect  # where uvicorn finds the app; imported here, as only a command that runs a flow needs it
 
     app_dir = str(Path(prefect.__file__).parent.parent)
