@@ -23,7 +23,8 @@ from __future__ import annotations
 from prefect import flow
 
 from ospo_core.config import EvalConfig
-from tasks.evaluate import eval_questions, eval_report, open_eval, self_vqa_eval
+from tasks import stages
+from tasks.evaluate import eval_report, open_eval
 
 
 @flow(name="ospo-evaluate", validate_parameters=True)
@@ -35,10 +36,10 @@ def ospo_evaluate(config: EvalConfig = EvalConfig(), home: str | None = None, ro
     evaluated, writer, prompts = open_eval(config, home, round_id, model, start_model)
 
     # Decompositional questions, written once per round by the model it started from (or by `model` itself).
-    questions = eval_questions(writer, config.questions, prompts)
+    questions = stages.eval_questions(writer, config.questions, prompts=prompts)
 
     # Images with fixed seeds, judged by the evaluated model on those questions (self-VQA).
-    table = self_vqa_eval(evaluated, config, questions)
+    table = stages.judge_eval_images(evaluated, config, questions=questions)
 
     # Per-category metrics, the summary artifact and the plot across rounds.
     return {**eval_report(evaluated, table), "questions": questions, "eval": table}

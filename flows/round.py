@@ -20,10 +20,11 @@ from prefect import flow
 
 from ospo_core.config import RoundConfig
 from tasks import stages
-from tasks.round import close_round, open_round
+from tasks.round import check_pairs, close_round, open_round, record_attempt_end
 
 
-@flow(name="ospo-round", validate_parameters=True)
+@flow(name="ospo-round", validate_parameters=True, on_failure=[record_attempt_end], on_crashed=[record_attempt_end],
+      on_cancellation=[record_attempt_end])
 def ospo_round(config: RoundConfig = RoundConfig(), home: str | None = None, promote: bool = True) -> dict:
     ctx = open_round(config, home)
 
@@ -31,19 +32,21 @@ def ospo_round(config: RoundConfig = RoundConfig(), home: str | None = None, pro
     prompts = stages.generate_prompts(ctx, config.prompts)
 
     # 2. Hard preference pair generation: object-level negatives, dense rewrites of both, images of both sides.
-    negatives = stages.perturb(ctx, config.perturb, prompts)
-    dense = stages.densify(ctx, config.densify, negatives)
-    images = stages.render(ctx, config.render, dense)
+    negatives = stages.perturb(ctx, config.perturb, prompts=prompts)
+    dense = stages.densify(ctx, config.densify, negatives=negatives)
+    images = stages.render(ctx, config.render, dense=dense)
 
     # 3. Filtering and selection: self-asked questions, self-VQA answers, chosen/rejected images + rejected prompt.
-    questions = stages.questions(ctx, config.questions, prompts, negatives)
-    vqa = stages.self_vqa(ctx, config.vqa, images, questions)
-    pairs = stages.select_pairs(ctx, config.select, images, vqa, questions, negatives)
-    masks = stages.object_masks(ctx, config.masks, pairs, prompts) if config.train.object_weighting else None
+    questions = stages.questions(ctx, config.questions, prompts=prompts, negatives=negatives)
+    vqa = stages.self_vqa(ctx, config.vqa, images=images, questions=questions)
+    pairs = stages.select_pairs(ctx, config.select, images=images, vqa=vqa, questions=questions, negatives=negatives)
+    masks = (stages.object_masks(ctx, config.masks, pairs=pairs, prompts=prompts)
+             if config.train.object_weighting else None)
 
     # 4. Object-centric preference optimization: LoRA with SimPO + conditional preference + SFT.
-    trained = stages.train(ctx, config.train, pairs, masks)
+    check_pairs(ctx, pairs)
+    trained = stages.train(ctx, config.train, pairs=pairs, masks=masks)
 
     refs = {"prompts": prompts, "negatives": negatives, "dense": dense, "images": images, "questions": questions,
             "vqa": vqa, "pairs": pairs, "masks": masks, "train_history": trained}
-    return close_round(ctx, refs, trained, promote)
+    return close_round(ctx, config, refs, promote)

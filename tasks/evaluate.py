@@ -19,15 +19,14 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.concurrency.sync import concurrency
 
-from ospo_core import evaluate, store, templates
-from ospo_core.config import EvalConfig, GateConfig, QuestionsConfig
+from ospo_core import evaluate, store
+from ospo_core.config import EvalConfig, GateConfig
 from ospo_core.janus.load import load_janus
 from ospo_core.report import metrics_plot
-from ospo_core.stages import questions as questions_stage
-from tasks.common import _BUNDLES, StageContext, StageSpec, bundle_for, cache_key_for, read_ref, run_stage
-from tasks.stages import STAGE_TASK, Progress, artifact_key, report
+from tasks.context import StageContext, keep_model
+from tasks.report import artifact_key
+from tasks.runner import read_ref
 
 
 class EvalContext(StageContext):
@@ -42,6 +41,9 @@ class EvalContext(StageContext):
     @property
     def round_path(self) -> Path:
         return Path(self.folder)
+
+    def artifact_name(self, stage: str) -> str:
+        return f"eval-{self.prompt_set}-questions" if stage == "eval_questions" else f"eval-{self.prompt_set}-{self.which}"
 
 
 @task(name="open-eval")
@@ -80,45 +82,15 @@ def open_eval(cfg: EvalConfig, home: str | None, round_id: str | None, model: st
                 "folder": str(evaluate.round_eval_dir(home_path, round_id, name, "trained"))})
     else:
         bundle = load_janus(model)
-        _BUNDLES.clear()
-        _BUNDLES[(model, ())] = bundle
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name).strip("-._") or "model"
         eval_id = f"{slug[:60]}-{bundle.fingerprint[:12]}"
         evaluated = writer = EvalContext(round_id=eval_id, model=model, fingerprint=bundle.fingerprint, label=model,
                                          folder=str(evaluate.model_eval_dir(home_path, eval_id, name)),
                                          which="model", **common)
+        keep_model(evaluated, bundle)
     get_run_logger().info("evaluating %s on %s (%d prompts) in %s", evaluated.label, name, len(prompts),
                           evaluated.folder)
     return evaluated, writer, ref
-
-
-EVAL_QUESTIONS = StageSpec("eval_questions", ("prompts",), (evaluate, questions_stage, templates))
-
-
-@task(name="eval-questions", cache_key_fn=cache_key_for(EVAL_QUESTIONS), **STAGE_TASK)
-def eval_questions(ctx: EvalContext, cfg: QuestionsConfig, prompts: dict) -> dict:
-    def ask(c: QuestionsConfig, _):
-        items = evaluate.load_prompt_set(prompts["spec"], prompts["limit"])
-        needs_model = not all(p.has_metadata for p in items)
-        return evaluate.eval_questions(items, bundle_for(ctx) if needs_model else None, c)
-
-    with concurrency("gpu", strict=False):
-        ref = run_stage(EVAL_QUESTIONS, ctx, cfg, ask, {"prompts": prompts})
-    report(ctx, f"eval-{ctx.prompt_set}-questions", ref, prompts["rows"])
-    return ref
-
-
-EVAL = StageSpec("eval", ("questions",), (evaluate,))
-
-
-@task(name="self-vqa-eval", cache_key_fn=cache_key_for(EVAL), **STAGE_TASK)
-def self_vqa_eval(ctx: EvalContext, cfg: EvalConfig, questions: dict) -> dict:
-    progress = Progress(ctx, f"eval-{ctx.prompt_set}-{ctx.which}", "prompt shards drawn and judged")
-    with concurrency("gpu", strict=False):
-        ref = run_stage(EVAL, ctx, cfg, lambda c, rows: evaluate.evaluate(rows, bundle_for(ctx), c),
-                        {"questions": questions}, shard_input="questions", progress=progress)
-    report(ctx, f"eval-{ctx.prompt_set}-{ctx.which}", ref, questions["rows"] * cfg.images_per_prompt)
-    return ref
 
 
 @task(name="eval-report")

@@ -1,45 +1,75 @@
-"""The two bookends of a round: open it (folder, model, lineage) and close it (manifest, registry, summary)."""
+"""The two bookends of a round: open it (folder, model, lineage, the attempt) and close it (manifest, registry,
+summary).
+
+A round's `manifest.json` is its last good state: what `ospo eval`, `ospo rounds` and the registry read. Each run of
+the round is an *attempt*, recorded in `attempts/<started>.json` (config, Prefect run id, status, error); a rerun of a
+finished round never touches its manifest until it finishes too, so a failed rerun leaves the round as it was.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from ospo_core import store
 from ospo_core.config import RoundConfig
 from ospo_core.janus.load import load_janus, merged_fingerprint
 from ospo_core.report import contact_sheet, summary_markdown, table_counts
-from tasks.common import _BUNDLES, StageContext, now_id, read_ref
-from tasks.stages import artifact_key
+from tasks.context import StageContext, keep_model
+from tasks.report import artifact_key
+from tasks.runner import now_id, read_ref
+
+log = logging.getLogger("ospo.tasks")
+
+
+class NoPairsError(RuntimeError):
+    """The round selected no preference pairs, so there is nothing to train on."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _attempt_path(round_path: Path, run_id: str) -> Path:
+    return round_path / "attempts" / f"{time.strftime('%Y%m%dT%H%M%S')}-{run_id[:8] or os.getpid()}.json"
 
 
 @task(name="open-round")
 def open_round(config: RoundConfig, home: str | None = None) -> StageContext:
-    """Create the round folder, load the start model (base + earlier adapters) and record the lineage."""
+    """Create the round folder, load the start model (base + earlier adapters) and record the attempt."""
     home_path = Path(home) if home else store.ospo_home()
     round_id = store.check_round_id(config.round_id or now_id())
+    round_path = store.round_dir(home_path, round_id)
+    store.lock_round(round_path)  # held until close_round (or this process ends); refused at once if busy
     bundle = load_janus(config.model, adapters=tuple(config.adapters))
-    _BUNDLES.clear()
-    _BUNDLES[(config.model, tuple(config.adapters))] = bundle
     ctx = StageContext(round_id=round_id, home=str(home_path), model=config.model, adapters=tuple(config.adapters),
-                       fingerprint=bundle.fingerprint, shard_rows=config.shard_rows, execution=config.execution)
-    store.lock_round(ctx.round_path)  # held until close_round (or this process ends)
-    previous = store.read_manifest(ctx.round_path) if (ctx.round_path / "manifest.json").is_file() else {}
-    store.write_manifest(ctx.round_path, {
-        **previous,
-        "round_id": round_id,
-        "path": str(ctx.round_path),
-        "config": config.model_dump(mode="json"),
-        "model": {"source": config.model, "adapters": list(config.adapters), "fingerprint": bundle.fingerprint},
-        "code_version": _code_version(),
-        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-        "status": "running",
-    })
-    get_run_logger().info("round %s in %s, model %s (fingerprint %s)", round_id, ctx.round_path, config.model,
-                          bundle.fingerprint)
+                       fingerprint=bundle.fingerprint, world=config.world, shard_rows=config.shard_rows,
+                       execution=config.execution)
+    keep_model(ctx, bundle)
+    started, run_id = _now(), str(flow_run.get_id() or "")
+    attempt = {"round_id": round_id, "started": started, "flow_run_id": run_id,
+               "config": config.model_dump(mode="json"), "status": "running"}
+    store.write_json(_attempt_path(round_path, run_id), attempt)
+    previous = store.read_manifest(round_path) if (round_path / "manifest.json").is_file() else {}
+    if previous.get("status") != "finished":  # a finished round keeps its manifest until this attempt finishes
+        store.write_manifest(round_path, {
+            **previous,
+            "round_id": round_id,
+            "path": str(round_path),
+            "config": config.model_dump(mode="json"),
+            "model": {"source": config.model, "adapters": list(config.adapters), "fingerprint": bundle.fingerprint},
+            "code_version": _code_version(),
+            "started": previous.get("started", started),
+            "status": "running",
+        })
+    log.info("round %s in %s, model %s (fingerprint %s)", round_id, round_path, config.model, bundle.fingerprint)
     return ctx
 
 
@@ -52,8 +82,36 @@ def _code_version() -> str:
         return "unknown"
 
 
+def _end_attempts(paths, flow_run_id: str, status: str, error: str | None = None) -> None:
+    for path in paths:
+        try:
+            attempt = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if attempt.get("flow_run_id") == flow_run_id and attempt.get("status") == "running":
+            store.write_json(path, {**attempt, "status": status, "ended": _now(), "error": error})
+
+
+def record_attempt_end(flow, run, state) -> None:
+    """Flow hook (failure, crash, cancellation): mark the round's running attempt with how it ended."""
+    home = Path(run.parameters.get("home") or store.ospo_home())
+    _end_attempts(home.glob("runs/*/attempts/*.json"), str(run.id), state.name.lower(), state.message)
+
+
+@task(name="check-pairs")
+def check_pairs(ctx: StageContext, pairs: dict) -> None:
+    """Stop the round with its selection's rejection counts when it selected no pair (nothing to train on)."""
+    counts = table_counts(read_ref(pairs))
+    if counts.get("ok", 0) == 0:
+        reasons = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in counts.items() if k.startswith("rejected:"))
+        raise NoPairsError(
+            f"round {ctx.round_id} selected no preference pairs out of {counts['rows']} items ({reasons or 'none'}); "
+            f"nothing to train on. Loosen the selection (select.margin, select.min_chosen_score, select.rule) or "
+            f"draw more prompts, then rerun with --round {ctx.round_id} (the earlier stages are cached)")
+
+
 @task(name="close-round")
-def close_round(ctx: StageContext, refs: dict[str, dict | None], trained: dict, promote: bool = True) -> dict:
+def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | None], promote: bool = True) -> dict:
     """Manifest with counts and hashes of every table, the registry entry of the new adapter, the summary artifact
     and the contact sheet (written next to the tables and linked from the summary)."""
     tables = {}
@@ -68,15 +126,21 @@ def close_round(ctx: StageContext, refs: dict[str, dict | None], trained: dict, 
         tmp = sheet.with_name(".contact_sheet.png.tmp")
         sheet_image.save(tmp, format="PNG")
         tmp.replace(sheet)
-    adapter = trained["adapter"]
+    adapter = str(ctx.round_path / "train" / "adapter")
+    training = {}
+    for row in read_ref(refs["train_history"]).to_pylist():
+        training[row["metric"]] = row["value"]  # rows are in step order: the last value of each metric
     manifest = {
         **store.read_manifest(ctx.round_path),
+        "config": config.model_dump(mode="json"),
+        "model": {"source": ctx.model, "adapters": list(ctx.adapters), "fingerprint": ctx.fingerprint},
+        "code_version": _code_version(),
         "tables": tables,
         "adapter": adapter,
         "fingerprint_after": merged_fingerprint(ctx.fingerprint, adapter),
-        "training": trained.get("final_metrics", {}),
+        "training": training,
         "contact_sheet": str(sheet) if sheet else None,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": _now(),
         "status": "finished",
     }
     store.write_manifest(ctx.round_path, manifest)
@@ -87,13 +151,14 @@ def close_round(ctx: StageContext, refs: dict[str, dict | None], trained: dict, 
         "adapter": adapter,
         "trained_from": ctx.fingerprint,
         "fingerprint": manifest["fingerprint_after"],
-        "metrics": {"training": manifest["training"]},
+        "metrics": {"training": training},
         "promoted": promote,
         "decision": "promoted: no evaluation gate configured" if promote else "kept, not promoted",
         "created": manifest["finished"],
     })
+    _end_attempts((ctx.round_path / "attempts").glob("*.json"), str(flow_run.get_id() or ""), "finished")
     store.unlock_round(ctx.round_path)
     create_markdown_artifact(key=artifact_key(ctx, "summary"),
-                             markdown=summary_markdown(ctx.round_id, manifest, manifest["training"], sheet),
+                             markdown=summary_markdown(ctx.round_id, manifest, training, sheet),
                              description=f"OSPO round {ctx.round_id}")
     return manifest

@@ -1,7 +1,7 @@
 """Model stages spread over a Ray cluster through Prefect's Ray task runner (the optional `ray` extra).
 
 `execution: ray` in the round config sends the text stages (negatives, dense, questions), rendering and self-VQA
-here (via `common.shard_map`):
+here (via `runner.shard_map`):
 
 - one `ModelReplica` actor per worker slot (`workers_per_node` on every node that can hold one, `gpus_per_worker`
   GPUs each, one CPU core) loads the round's model once and computes the shards of all these stages; an actor, not
@@ -28,8 +28,9 @@ started or joined once per process (`connect`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import ray
@@ -40,7 +41,9 @@ from prefect_ray.context import remote_options
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ospo_core.config import ExecutionConfig
-from tasks.common import StageContext, bundle_for, with_oom_backoff
+from tasks.context import StageCall, StageContext, bundle_for, with_oom_backoff
+
+log = logging.getLogger("ospo.tasks")
 
 # A replica that dies this often in one round points at a real fault (a shard that always kills its worker).
 MAX_RESTARTS = 3
@@ -91,30 +94,30 @@ def replica_nodes(execution: ExecutionConfig, gpus: float) -> list[str]:
 
 
 class StageWork:
-    """What a stage asks of the replicas: (cfg, compute) in Ray's object store, sent once per replica and stage.
+    """What a stage asks of the replicas: (cfg, call) in Ray's object store, sent once per replica and stage.
 
     A plain class on purpose: Prefect resolves Ray object refs it finds in a task's parameters (lists, dicts,
-    dataclasses), which would pull the stage's closure, with any input table it holds, into every shard task."""
+    dataclasses), which would pull the stage's call, with any input table it holds, into every shard task."""
 
-    def __init__(self, stage: str, cfg, compute: Callable):
-        self.stage, self.ref = stage, ray.put((cfg, compute))
+    def __init__(self, stage: str, cfg, call: StageCall):
+        self.stage, self.ref = stage, ray.put((cfg, call))
 
 
 @ray.remote
 class ModelReplica:
-    """The round's model on one worker, computing the shards of successive stages: `compute(cfg, rows)` with the
+    """The round's model on one worker, computing the shards of successive stages: `call(cfg, tables)` with the
     OOM back-off. A replica that Ray restarts after its process died loads the model again and takes up the stage
     its retried shard carries."""
 
     def __init__(self, ctx: StageContext):
-        self.work, self.cfg, self.compute = None, None, None
-        bundle_for(ctx)  # load now, so that the stages' `compute` finds this process's copy through bundle_for(ctx)
+        self.work, self.cfg, self.call = None, None, None
+        bundle_for(ctx)  # load now, so that the stages' calls find this process's copy through bundle_for(ctx)
 
     def run(self, work: StageWork, rows) -> pa.Table:
         if self.work != work.ref.hex():
-            self.cfg, self.compute = ray.get(work.ref)
+            self.cfg, self.call = ray.get(work.ref)
             self.work = work.ref.hex()
-        return with_oom_backoff(lambda c: self.compute(c, rows), self.cfg)
+        return with_oom_backoff(lambda c: self.call(c, rows), self.cfg)
 
 
 _POOL: dict = {}  # this process's replicas: {"key": what they hold, "replicas": [actor handles]}
@@ -154,11 +157,11 @@ def model_shard(replica, work: StageWork, stage: str, shard: int, rows) -> pa.Ta
 
 
 @contextlib.contextmanager
-def ray_shard_map(ctx: StageContext, stage: str, cfg, compute: Callable, log=print):
-    """`common.shard_map` on Ray: the round's replicas (started if needed) compute this stage's parts."""
+def ray_shard_map(ctx: StageContext, stage: str, cfg, call: StageCall):
+    """`runner.shard_map` on Ray: the round's replicas (started if needed) compute this stage's parts."""
     replicas = replicas_for(ctx)
-    work = StageWork(stage, cfg, compute)
-    log(f"{stage}: {len(replicas)} model replicas on Ray")
+    work = StageWork(stage, cfg, call)
+    log.info("%s: %d model replicas on Ray", stage, len(replicas))
     # The shard tasks only wait on their replica: they take no CPU slot the replicas need.
     with RayTaskRunner(address=ctx.execution.address) as runner, remote_options(num_cpus=0):
         yield lambda parts: _run_shards(runner, replicas, work, parts)

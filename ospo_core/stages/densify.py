@@ -19,21 +19,23 @@ from ospo_core.records import DENSE, NEGATIVES, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
 from ospo_core.templates import dense_chat
 from ospo_core.templates.parse import ParseError, parse_dense
-from ospo_core.testbed.text import testbed_dense
 
 COLUMNS = ["item_id", "t2i_category", "sub_category", "k", "prompt", "negative_prompt"]
 
 
-def densify(negatives: pa.Table, bundle, cfg: DensifyConfig) -> pa.Table:
-    """NEGATIVES (its ok rows) -> DENSE, one row per (item, k)."""
+def densify(negatives: pa.Table, tools, cfg: DensifyConfig) -> pa.Table:
+    """NEGATIVES (its ok rows) -> DENSE, one row per (item, k), written by `tools.writer`."""
     pairs = ok_input_rows(negatives, NEGATIVES, COLUMNS, table_name="negatives", stage="densify")
     for pair in pairs:
         if not 0 <= pair["k"] < len(cfg.seeds):
             raise ValueError(f"densify: negative {pair['item_id']} has k={pair['k']}, but seeds cover k = 0.."
                              f"{len(cfg.seeds) - 1}; pass the table written by perturb")
     seeds = [row_seed(cfg.seeds[p["k"]], p["item_id"]) for p in pairs]
-    if cfg.source == "testbed":  # a shapes-world caption already names every object of its scene
-        return testbed_dense(pairs, seeds)
+    return tools.writer.dense(pairs, seeds, cfg)
+
+
+def write_dense(bundle, pairs: list[dict], seeds: list[int], cfg: DensifyConfig) -> pa.Table:
+    """The paper's writer: one chat per (item, k) writes both dense prompts; a failed parse fails both."""
     outputs = generate_text(
         bundle,
         [dense_chat(p["sub_category"], p["prompt"], p["negative_prompt"]) for p in pairs],

@@ -177,8 +177,9 @@ def image_to_prompt_attention(
     return total / len(layers)
 
 
-def object_masks(pairs: pa.Table, prompts: pa.Table, bundle, cfg: MasksConfig) -> pa.Table:
+def object_masks(pairs: pa.Table, prompts: pa.Table, tools, cfg: MasksConfig) -> pa.Table:
     """MASKS rows, one per (ok pair, side) in pair order, chosen before rejected."""
+    bundle = tools.model
     objects_of = {r["item_id"]: r["objects"] for r in ok_input_rows(
         prompts, PROMPTS, ["item_id", "objects"], table_name="prompts", stage="masks")}
     rows = ok_input_rows(pairs, PAIRS, _PAIR_COLUMNS, table_name="pairs", stage="masks")

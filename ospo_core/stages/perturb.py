@@ -26,17 +26,16 @@ from ospo_core.records import NEGATIVES, PROMPTS, to_table
 from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
 from ospo_core.templates import negative_chat, perturbations_for, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_word, parse_negative, word_pattern
-from ospo_core.testbed.text import testbed_negatives
 
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 Pools = dict[str, dict[str, dict[str, None]]]  # scope (sub_category or "*") -> kind -> ordered set of words
 
 
-def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.Table | None = None) -> pa.Table:
-    """PROMPTS (its ok rows) -> NEGATIVES, one row per (item, k).
+def perturb(prompts: pa.Table, tools, cfg: PerturbConfig, *, whole: dict[str, pa.Table] | None = None) -> pa.Table:
+    """PROMPTS (its ok rows) -> NEGATIVES, one row per (item, k), written by `tools.writer`.
 
-    `round_prompts`: the round's whole prompts table when `prompts` is a slice of it (a stage spread over workers);
-    the structured fallback draws its words from the whole round, so a slice gives the rows the whole table would.
+    `whole`: the round's whole input tables when `prompts` is a slice of them (a stage spread over workers); the
+    structured fallback draws its words from the whole round, so a slice gives the rows the whole table would.
     """
     structured = cfg.fallback == "structured"
     columns = [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])]
@@ -46,8 +45,16 @@ def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.
         for item in items
         for k, method in enumerate(perturbations_for(item["sub_category"]))
     ]
-    if cfg.source == "testbed":  # replace / swap / drop on the shapes-world caption's structure, no model call
-        return testbed_negatives(jobs)
+    round_items = items if whole is None else ok_input_rows(whole["prompts"], PROMPTS, columns,
+                                                            table_name="prompts", stage="perturb")
+    return tools.writer.negatives(jobs, cfg, round_items)
+
+
+def write_negatives(bundle, jobs: list[tuple[dict, int, str, int]], cfg: PerturbConfig,
+                    round_items: list[dict]) -> pa.Table:
+    """The paper's writer: the model answers each job's few-shot chat; a failed parse keeps its reason (or, with
+    fallback=structured, is rebuilt from the structure with the round's words)."""
+    structured = cfg.fallback == "structured"
     outputs = generate_text(
         bundle,
         [negative_chat(item["sub_category"], method, item["prompt"], seed=seed) for item, _, method, seed in jobs],
@@ -57,8 +64,6 @@ def perturb(prompts: pa.Table, bundle, cfg: PerturbConfig, *, round_prompts: pa.
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
     )
-    round_items = items if round_prompts is None else ok_input_rows(round_prompts, PROMPTS, columns,
-                                                                     table_name="prompts", stage="perturb")
     pools = round_pools(round_items) if structured else {}
     rows = []
     for (item, k, method, seed), text in zip(jobs, outputs):

@@ -39,7 +39,6 @@ from ospo_core.templates.parse import (
     parse_prompt_answer,
     parse_relation,
 )
-from ospo_core.testbed.text import testbed_prompts
 
 # The fallback grammar's attribute word lists per run family, and its relation lists per spatial run.
 _ATTRIBUTE_WORDS = {"color": "colors", "shape": "shapes", "texture": "textures"}
@@ -48,10 +47,14 @@ _SPATIAL_WORDS = {"2D_spatial": "relations_2d", "3D_spatial": "relations_3d"}
 _FALLBACK_TRIES = 50
 
 
-def generate_prompts(bundle, cfg: PromptsConfig) -> pa.Table:
-    """All twelve runs (those with a non-zero quota), as one PROMPTS table: accepted prompts carry item ids."""
-    if cfg.source == "testbed":  # the shapes world's grammar writes the prompts; the testbed model only draws
-        return testbed_prompts(cfg)
+def generate_prompts(tools, cfg: PromptsConfig) -> pa.Table:
+    """The PROMPTS table of the round, written by `tools.writer`."""
+    return tools.writer.prompts(cfg)
+
+
+def write_prompts(bundle, cfg: PromptsConfig) -> pa.Table:
+    """The paper's writer: all twelve runs (those with a non-zero quota), as one PROMPTS table: accepted prompts
+    carry item ids."""
     rows: list[dict] = []
     for key in SUB_CATEGORIES:
         quota = cfg.quota_for(key)

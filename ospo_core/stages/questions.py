@@ -21,18 +21,17 @@ from ospo_core.records import NEGATIVES, PROMPTS, QUESTIONS, to_table
 from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
 from ospo_core.templates import question_chat, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_value, number_word, parse_questions, word_pattern
-from ospo_core.testbed.text import testbed_questions
 
 STRUCTURED_COLUMNS = ["objects", "attributes", "relations", "counts"]
 
 
-def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: QuestionsConfig, *,
-                       round_prompts: pa.Table | None = None) -> pa.Table:
-    """PROMPTS and NEGATIVES (their ok rows) -> QUESTIONS, one row per (item, side, k).
+def generate_questions(prompts: pa.Table, negatives: pa.Table, tools, cfg: QuestionsConfig, *,
+                       whole: dict[str, pa.Table] | None = None) -> pa.Table:
+    """PROMPTS and NEGATIVES (their ok rows) -> QUESTIONS, one row per (item, side, k), written by `tools.writer`.
 
-    `round_prompts`: the round's whole prompts table when `prompts`/`negatives` are slices (a stage spread over
-    workers); the structured fallback reads a negative with the words of the whole round, so slices give the rows
-    the whole tables would.
+    `whole`: the round's whole input tables when `prompts`/`negatives` are slices (a stage spread over workers);
+    the structured fallback reads a negative with the words of the whole round, so slices give the rows the whole
+    tables would.
     """
     structured = cfg.fallback == "structured"
     items = ok_input_rows(prompts, PROMPTS, [*ITEM_COLUMNS, "prompt", *(STRUCTURED_COLUMNS if structured else [])],
@@ -42,8 +41,18 @@ def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: Ques
     jobs = [{**{c: i[c] for c in ITEM_COLUMNS}, "side": "base", "k": -1, "prompt": i["prompt"]} for i in items]
     jobs += [{**{c: n[c] for c in ITEM_COLUMNS}, "side": "negative", "k": n["k"], "prompt": n["negative_prompt"]}
              for n in negs]
-    if cfg.source == "testbed":  # the shapes world's exact questions for each caption, no model call
-        return testbed_questions(jobs)
+    round_items = None
+    if structured and whole is not None:
+        round_items = ok_input_rows(whole["prompts"], PROMPTS, [*ITEM_COLUMNS, "prompt", *STRUCTURED_COLUMNS],
+                                    table_name="prompts", stage="generate_questions")
+    return tools.writer.questions(jobs, cfg, items, round_items)
+
+
+def write_questions(bundle, jobs: list[dict], cfg: QuestionsConfig, items: list[dict],
+                    round_items: list[dict] | None) -> pa.Table:
+    """The paper's writer: one chat per (item, side, k); with fallback=structured a failed parse gets questions
+    from the item's relation tuples (base) or from the negative read with the round's words."""
+    structured = cfg.fallback == "structured"
     outputs = generate_text(
         bundle,
         [question_chat(job["t2i_category"], job["prompt"]) for job in jobs],
@@ -54,9 +63,7 @@ def generate_questions(prompts: pa.Table, negatives: pa.Table, bundle, cfg: Ques
         batch_size=cfg.batch_size,
     )
     structures = {i["item_id"]: Structure.from_columns(i) for i in items} if structured else {}
-    if structured and round_prompts is not None:
-        round_items = ok_input_rows(round_prompts, PROMPTS, [*ITEM_COLUMNS, "prompt", *STRUCTURED_COLUMNS],
-                                    table_name="prompts", stage="generate_questions")
+    if structured and round_items is not None:
         round_words = _words(Structure.from_columns(i) for i in round_items)
     else:
         round_words = _words(structures.values())  # a negative's words: those of its item and of the round

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ospo_core.config import RenderConfig
-from ospo_core.janus.image import decode_images, sample_image_tokens
+from ospo_core.janus.image import sample_image_tokens
 from ospo_core.records import DENSE, IMAGES, image_cell, to_table
 from ospo_core.stages.common import ok_input_rows, row_seed
-from ospo_core.testbed.render import draw_scene
 
 _READS = ["item_id", "t2i_category", "sub_category", "k", "dense_prompt", "negative_dense_prompt"]
 
 
-def render(dense: pa.Table, bundle, cfg: RenderConfig) -> pa.Table:
+def render(dense: pa.Table, tools, cfg: RenderConfig) -> pa.Table:
     """IMAGES rows: for each ok dense row, the base image (dense prompt) and the negative image (negative dense
-    prompt), in that order; the dense prompts condition the images, as in the paper."""
+    prompt), in that order; the dense prompts condition the images, as in the paper. The model samples the image
+    tokens; `tools.decoder` turns them into the stored PNGs."""
     rows = ok_input_rows(dense, DENSE, _READS, table_name="dense", stage="render")
     jobs = []  # (row, side, prompt, seed)
     for row in rows:
@@ -23,13 +23,10 @@ def render(dense: pa.Table, bundle, cfg: RenderConfig) -> pa.Table:
         jobs += [(row, "base", row["dense_prompt"], seed), (row, "negative", row["negative_dense_prompt"], seed)]
     if not jobs:
         return to_table([], IMAGES)
-    sampled = sample_image_tokens(bundle, [j[2] for j in jobs], cfg_weight=cfg.cfg_weight,
+    sampled = sample_image_tokens(tools.model, [j[2] for j in jobs], cfg_weight=cfg.cfg_weight,
                                   temperature=cfg.temperature, seed=[j[3] for j in jobs], batch_size=cfg.batch_size,
                                   compile_mode=cfg.compile_mode)
-    if cfg.decoder == "testbed":  # the tokens are shapes-world cells: draw them (the VQ decoder is untrained)
-        images = [draw_scene(t) for t in sampled.tolist()]
-    else:
-        images = decode_images(bundle, sampled)
+    images = tools.decoder.decode(sampled)
     out = []
     for (row, side, prompt, seed), tokens, image in zip(jobs, sampled.tolist(), images):
         out.append({

@@ -452,6 +452,12 @@ def _v2_second_pass(
     return out
 
 
+def select(images: pa.Table, vqa: pa.Table, questions: pa.Table, negatives: pa.Table, tools,
+           cfg: SelectConfig) -> pa.Table:
+    """`select_pairs` as a round runs it: rule v2 asks the round's model for the image log-likelihoods."""
+    return select_pairs(images, vqa, questions, negatives, cfg, model_loglik(tools.model) if cfg.rule == "v2" else None)
+
+
 def model_loglik(bundle, *, batch_size: int = 8) -> LoglikFn:
     """The production loglik_fn: l(x, y) = the mean image-token log-probability under the bundle's generation head."""
     import torch  # the model layer is loaded only by the caller that has a model

@@ -32,6 +32,7 @@ from PIL import Image
 from ospo_core import store
 from ospo_core.config import TESTBED_SETTINGS, RoundConfig, TestbedConfig
 from ospo_core.janus.load import JanusBundle, apply_adapter, load_janus
+from ospo_core.plugins import tools_for
 from ospo_core.records import SCHEMAS, ok_rows
 from ospo_core.stages.common import row_seed
 from ospo_core.stages.densify import densify
@@ -40,7 +41,7 @@ from ospo_core.stages.perturb import perturb
 from ospo_core.stages.prompts import generate_prompts
 from ospo_core.stages.questions import generate_questions
 from ospo_core.stages.render import render
-from ospo_core.stages.select import model_loglik, select_pairs
+from ospo_core.stages.select import select
 from ospo_core.stages.vqa import self_vqa
 from ospo_core.testbed.evaluate import evaluate_scenes, summarize
 from ospo_core.testbed.model import check_testbed_model
@@ -52,13 +53,14 @@ from ospo_core.train.trainer import train_ospo
 
 def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
     """Stages 1-3 of a round (prompts -> pairs) with the round's start model, as flows/round.py orders them."""
-    prompts = generate_prompts(bundle, config.prompts)
-    negatives = perturb(prompts, bundle, config.perturb)
-    dense = densify(negatives, bundle, config.densify)
-    images = render(dense, bundle, config.render)
-    questions = generate_questions(prompts, negatives, bundle, config.questions)
-    vqa = self_vqa(images, questions, bundle, config.vqa)
-    pairs = select_pairs(images, vqa, questions, negatives, config.select, model_loglik(bundle))
+    tools = tools_for(bundle, world=config.world, judge=config.vqa.judge)
+    prompts = generate_prompts(tools, config.prompts)
+    negatives = perturb(prompts, tools, config.perturb)
+    dense = densify(negatives, tools, config.densify)
+    images = render(dense, tools, config.render)
+    questions = generate_questions(prompts, negatives, tools, config.questions)
+    vqa = self_vqa(images, questions, tools, config.vqa)
+    pairs = select(images, vqa, questions, negatives, tools, config.select)
     return {"prompts": prompts, "negatives": negatives, "dense": dense, "images": images, "questions": questions,
             "vqa": vqa, "pairs": pairs}
 
@@ -118,7 +120,7 @@ def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log
             if pairs == 0:
                 log(f"seed {seed} {setting} round {round_n}: no pair was selected; the model is not trained")
             else:
-                masks = (object_masks(data["pairs"], data["prompts"], bundle, config.masks)
+                masks = (object_masks(data["pairs"], data["prompts"], tools_for(bundle), config.masks)
                          if config.train.object_weighting else None)
                 started = time.perf_counter()
                 # Copies: training adds LoRA layers to its model and merging changes weights in place, and
