@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,10 @@ from ospo_core.records import TRAIN_HISTORY
 from ospo_core.train.data import OSPOCollator, pairs_to_dataset, tokenize_prompts
 from ospo_core.train.loss import ospo_loss, weighted_mean_logps
 
+logger = logging.getLogger("ospo.trainer")
+# Checkpoints of another run wait here (under the output folder) until this run's adapter is saved.
+SUPERSEDED = "superseded"
+
 
 @dataclass
 class OSPOConfig(DPOConfig):
@@ -54,11 +59,6 @@ class OSPOConfig(DPOConfig):
     objective: OSPOLossConfig = field(default_factory=OSPOLossConfig, metadata={"help": "the OSPO objective"})
 
 
-logger = logging.getLogger("ospo.trainer")
-# Checkpoints of another run wait here (under the output folder) until this run's adapter is saved.
-SUPERSEDED = "superseded"
-
-
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the checkpoints written before it are kept."""
 
@@ -67,10 +67,10 @@ class RunRecord(TrainerCallback, ExportableState):
     """What every checkpoint's trainer_state.json holds for us (the Trainer's stateful-callback slot): the key of the
     run that wrote it, and `carry`, the loss accumulators the Trainer does not save (see OSPOTrainer)."""
 
-    def __init__(self, run_key: str | None = None, carry: dict | None = None):
+    def __init__(self, run_key: str | None, restore: Callable[[dict], None]):
         self.run_key = run_key
-        self.carry = carry or {}
-        self.restore = None  # set by OSPOTrainer: puts a resumed checkpoint's carry back into the trainer
+        self.carry: dict = {}
+        self.restore = restore  # puts a resumed checkpoint's carry back into the trainer
 
     def state(self) -> dict:
         return {"args": {"run_key": self.run_key}, "attributes": {"carry": self.carry}}
@@ -86,8 +86,7 @@ class OSPOTrainer(DPOTrainer):
     def __init__(self, model, args: OSPOConfig, train_dataset, processing_class, peft_config=None, *,
                  run_key: str | None = None, callbacks: list[TrainerCallback] | None = None, **kwargs):
         collator = OSPOCollator(pad_token_id=processing_class.tokenizer.pad_token_id)
-        self.record = RunRecord(run_key)
-        self.record.restore = self._restore_carry
+        self.record = RunRecord(run_key, restore=self._restore_carry)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=collator, peft_config=peft_config, callbacks=[*(callbacks or []), self.record],
                          **kwargs)
