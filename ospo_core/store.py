@@ -354,8 +354,9 @@ def unlock_round(round_path: Path) -> None:
 # be read stops the caller: the next round must never quietly start from the base model.
 
 
-class RegistryError(RuntimeError):
-    """The model registry cannot be read; the message names the file and the command that rebuilds it."""
+class RegistryError(ValueError):
+    """The model registry cannot be read; the message names the file and the command that rebuilds it. (A
+    ValueError, as a damaged registry always was, so existing handlers keep catching it.)"""
 
 
 REBUILD_HINT = "run `ospo rounds --rebuild` to rebuild it from the round manifests"
