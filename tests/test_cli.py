@@ -15,7 +15,7 @@ from ospo_core import store
 from ospo_cli.main import main
 from ospo_core.config import DEMO_OVERRIDES
 from ospo_core.records import IMAGES
-from tasks.common import MARKER
+from tasks.runner import MARKER
 from test_flow import small_config
 
 
@@ -90,3 +90,94 @@ def test_a_run_killed_while_rendering_resumes_without_redoing_finished_shards(pr
     manifest = json.loads((home / "runs" / "killed" / "manifest.json").read_text())
     assert table.num_rows == manifest["tables"]["images"]["rows"] == 2 * manifest["tables"]["dense"]["counts"]["ok"]
 
+
+
+# ---------------------------------------------------------------- one-line errors (issue 19, point 8)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"train: !!python/object/apply:os.system ['touch pwned']\n", "not a plain YAML/JSON file of round settings"),
+    (b"train:\n  max_steps: \xff\xfe20\n", "not UTF-8 text (byte 0xff at offset 20); save it as UTF-8"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, content, expected):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "round.yaml"
+    config.write_bytes(content)
+    assert main(["run", "--home", str(tmp_path / "home"), "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"--config {config}: {expected}" in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"a red apple\n\xff two cats\n", "not UTF-8 text (byte 0xff at offset 12); save it as UTF-8"),
+    (b"\n  \n", "holds no prompts"),
+    (b'{"text": "a red apple"}\n', "line 1"),
+])
+def test_a_bad_prompt_file_is_refused_before_any_server_or_model_starts(tmp_path, capsys, content, expected):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    started = time.monotonic()
+    assert main(["eval", "--prompts", str(prompts), "--home", str(tmp_path / "home")]) == 2
+    err = one_line_error(capsys)
+    assert f"--prompts {prompts}: " in err and expected in err
+    assert time.monotonic() - started < 10 and not (tmp_path / "home").exists()
+
+
+def test_inspect_refuses_a_path_and_a_garbage_manifest_in_one_line(tmp_path, capsys):
+    home = tmp_path / "home"
+    assert main(["inspect", "../x", "--home", str(home)]) == 2
+    assert "invalid round id '../x'" in one_line_error(capsys)
+    (home / "runs" / "r1").mkdir(parents=True)
+    (home / "runs" / "r1" / "manifest.json").write_bytes(b"\x00garbage{")
+    assert main(["inspect", "r1", "--home", str(home)]) == 2
+    err = one_line_error(capsys)
+    assert str(home / "runs" / "r1" / "manifest.json") in err and "restore it, or delete the round folder" in err
+
+
+def test_a_round_already_running_is_refused_at_once_in_one_line(tmp_path, capsys):
+    home = tmp_path / "home"
+    (home / "runs" / "busy").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ospo_core import store; "
+                               f"store.lock_round(store.round_dir({str(home)!r}, 'busy')); print('locked', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["run", "--home", str(home), "--round", "busy"]) == 2
+        err = one_line_error(capsys)
+        assert f"round busy is being run by pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_unwritable_home_is_refused_before_the_model_loads(tmp_path, capsys):
+    # below a regular file: no folder can be made there, even by root (for whom chmod 500 changes nothing)
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "a-file" / "home"
+    started = time.monotonic()
+    assert main(["run", "--home", str(home)]) == 2
+    err = one_line_error(capsys)
+    assert f"artifact folder {home} is not writable (Not a directory)" in err and "--home or set OSPO_HOME" in err
+    assert time.monotonic() - started < 5
+
+
+def test_rounds_rebuild_rebuilds_the_registry_from_the_manifests_and_says_what(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    calls = []
+
+    def rebuild_registry(path):
+        calls.append(path)
+        return [{"round_id": "r1"}, {"round_id": "r2"}]
+
+    monkeypatch.setattr(store, "rebuild_registry", rebuild_registry, raising=False)
+    assert main(["rounds", "--rebuild", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert calls == [home]
+    assert f"rebuilt {home / 'models' / 'registry.json'} from 2 round manifest(s): r1, r2" in out

@@ -31,6 +31,7 @@ class Served:
     process: subprocess.Popen
     api_url: str
     output: Path
+    auth_path: Path  # the API auth string serve generated
     family: list = field(default_factory=list)  # every process it started, recorded while it runs
 
     def log(self) -> str:
@@ -44,9 +45,10 @@ class Served:
     @contextmanager
     def client(self):
         from prefect import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+        updates = {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.auth_path.read_text().strip()}
+        with temporary_settings(updates=updates), get_client(sync_client=True) as client:
             yield client
 
 
@@ -98,7 +100,7 @@ def served(tmp_path_factory):
             [sys.executable, "-m", "ospo_cli", "serve", "--port", str(port), "--home", str(root / "home")],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    served = Served(process, f"http://127.0.0.1:{port}/api", output)
+    served = Served(process, f"http://127.0.0.1:{port}/api", output, root / "home" / "serve" / "auth")
     try:
         deadline = time.monotonic() + 300
         while "Prefect UI: http://127.0.0.1:" not in output.read_text(errors="replace"):
@@ -148,6 +150,16 @@ def test_prefect_yaml_deploys_the_round_nightly_and_eval_with_pools_and_gpu_limi
                                                                                         "ospo-gpu")
     assert {name: pool.type for name, pool in pools.items()} == {"ospo-cpu": "process", "ospo-gpu": "process"}
     assert gpu_limit.limit == 1 and gpu_limit.active
+
+
+def test_the_served_api_wants_the_printed_auth_string(served):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{served.api_url}/admin/settings", timeout=10)
+    assert refused.value.code == 401
+    assert f"API auth string: {served.auth_path.read_text().strip()}" in served.log()
 
 
 def test_a_round_started_like_the_ui_runs_on_the_worker_and_its_artifacts_come_back(served, tmp_path):
