@@ -37,6 +37,7 @@ from ospo_core import store
 from ospo_core.config import EvalConfig, GateConfig, QuestionsConfig
 from ospo_core.janus.image import sample_images
 from ospo_core.janus.score import score_yes_no
+from ospo_core.plugins import tools_for
 from ospo_core.records import EVAL, EVAL_QUESTIONS, NEGATIVES, PROMPTS, check_schema, image_cell, to_table
 from ospo_core.stages.common import row_seed
 from ospo_core.stages.questions import bind_structure, generate_questions
@@ -325,7 +326,7 @@ def eval_questions(prompts: list[EvalPrompt], bundle, cfg: QuestionsConfig) -> p
         rows = [{"item_id": p.prompt_id, "t2i_category": question_family(p.category), "sub_category": p.category,
                  "prompt": p.prompt, "ok": True,
                  **(bind_structure(p.prompt, *fallback_words()).columns() if structured else {})} for p in plain]
-        table = generate_questions(to_table(rows, PROMPTS), to_table([], NEGATIVES), bundle, cfg)
+        table = generate_questions(to_table(rows, PROMPTS), to_table([], NEGATIVES), tools_for(bundle), cfg)
         asked = {row["item_id"]: row for row in table.to_pylist()}
     out = []
     for p in prompts:

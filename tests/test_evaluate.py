@@ -296,7 +296,7 @@ def test_evaluate_flow_and_cli_write_tables_metrics_plot_and_artifacts(prefect, 
     from prefect import get_client
 
     from flows.evaluate import ospo_evaluate
-    from ospo_core.cli import main
+    from ospo_cli.main import main
 
     result = ospo_evaluate(eval_config(prompt_set="geneval", limit=1), home=str(tmp_path), model="tiny")
     folder = Path(result["folder"])
@@ -329,7 +329,7 @@ def test_two_rounds_through_the_gate(prefect, tmp_path, monkeypatch, capsys):
     round 2: start (+ adapter 1) +0.2 -> trained (+ adapters 1, 2) -0.2: regresses, kept but not promoted,
     and the next round starts again from round 1's model."""
     from flows.self_improve import latest_promoted_model, self_improve
-    from ospo_core.cli import main
+    from ospo_cli.main import main
     from ospo_core.config import SelfImproveConfig
 
     quality = {0: 0.2, 1: 0.6, 2: 0.4}
