@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+import pyarrow as pa
+
 from ospo_core import evaluate, templates
 from ospo_core.stages import densify, masks, perturb, prompts, questions, render, select, vqa
 from ospo_core.stages import eval as eval_stage
@@ -41,6 +43,7 @@ class Stage:
     execution: tuple[str, ...] = ()  # ExecutionConfig fields its result depends on (training: the global batch)
     progress: str | None = None  # what a progress step counts, for stages long enough to report progress
     outputs: tuple[str, ...] = ()  # files besides the table (relative to the round folder) the cache must find
+    schema: pa.Schema | None = None  # of the table it writes; None = records.SCHEMAS[name]
 
     def __post_init__(self):
         unknown = [u for u in self.uses if u not in PLUGINS]

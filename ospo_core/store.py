@@ -67,10 +67,13 @@ def round_dir(home: Path, round_id: str) -> Path:
     return Path(home) / "runs" / check_round_id(round_id)
 
 
+_TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
 def table_dir(round_path: Path, table: str) -> Path:
-    """The folder that holds the shards of one of the tables in `records.SCHEMAS`."""
-    if table not in SCHEMAS:
-        raise ValueError(f"unknown table {table!r}; known tables: {sorted(SCHEMAS)}")
+    """The folder that holds the shards of a table (those of `records.SCHEMAS`, or a stage's own)."""
+    if not _TABLE_NAME.fullmatch(table):
+        raise ValueError(f"table name {table!r} is not a plain lowercase name; known tables: {sorted(SCHEMAS)}")
     return Path(round_path) / table
 
 

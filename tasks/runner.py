@@ -49,7 +49,8 @@ _TEMPLATES = Path(__file__).resolve().parent.parent / "ospo_core" / "templates"
 def code_version(*objects: Any) -> str:
     """Hash of the source files that define `objects` (modules, functions, classes) and the template data files."""
     h = hashlib.sha256()
-    paths = {Path(inspect.getfile(o)) for o in objects} | set(_TEMPLATES.glob("*.json"))
+    paths = {Path(inspect.getfile(getattr(o, "func", o))) for o in objects}  # a partial: its function's file
+    paths |= set(_TEMPLATES.glob("*.json"))
     for path in sorted(paths):
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -113,8 +114,11 @@ def intact(directory: Path, key: str) -> dict | None:
 # ---------------------------------------------------------------- running a stage
 
 
+_SCHEMAS = dict(SCHEMAS)  # and those of stages declared elsewhere (StageTask registers them)
+
+
 def read_ref(ref: dict) -> pa.Table:
-    return store.read_table(Path(ref["path"]), SCHEMAS[ref["table"]], name=ref["table"])
+    return store.read_table(Path(ref["path"]), _SCHEMAS[ref["table"]], name=ref["table"])
 
 
 def _input(ref: dict | None):
@@ -229,7 +233,7 @@ def run_stage(stage: Stage, ctx: StageContext, cfg, refs: dict[str, dict | None]
             "workdir": ctx.round_path, "key": key, "progress": progress,
             "table_paths": {name: Path(ref["path"]) for name, ref in refs.items() if ref and "path" in ref}})
         store.write_table(with_oom_backoff(lambda c: call(c, inputs), cfg), directory, shard=0)
-    table = store.read_table(directory, SCHEMAS[stage.name], name=stage.name)
+    table = store.read_table(directory, stage.schema or SCHEMAS[stage.name], name=stage.name)
     manifest = {"table": stage.name, "path": str(directory), "rows": table.num_rows,
                 "hash": store.content_hash(table), "key": key}
     extra = [str(ctx.round_path / p) for p in stage.outputs]
@@ -259,6 +263,8 @@ class StageTask:
 
     def __init__(self, stage: Stage):
         self.stage = stage
+        if stage.schema is not None:
+            _SCHEMAS[stage.name] = stage.schema
         self.task = task(name=stage.task, cache_policy=NO_CACHE, persist_result=False, retries=2,
                          retry_delay_seconds=5, retry_condition_fn=_transient)(self._run)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
+from ospo_core.plugins import tools_for
 from ospo_core.config import MasksConfig, TrainConfig
 from ospo_core.janus.image import gen_prompt_batch, sample_images
 from ospo_core.janus.load import load_janus
@@ -117,7 +118,7 @@ def test_object_spans_on_the_tiny_tokenizer(tiny):
 def test_object_masks_rows_shapes_and_reasons(tiny, samples):
     rejected_pair = dict(item_id="0000009", prompt="a red apple", chosen_tokens=samples[0].tolist(),
                          rejected_tokens=samples[1].tolist(), ok=False, reason="no_chosen_candidate")
-    masks = object_masks(_pairs(samples, extra=[rejected_pair]), _prompts(), tiny, MasksConfig(batch_size=3))
+    masks = object_masks(_pairs(samples, extra=[rejected_pair]), _prompts(), tools_for(tiny), MasksConfig(batch_size=3))
     rows = masks.to_pylist()
     assert [(r["item_id"], r["side"]) for r in rows] == [(i, s) for i in ITEMS for s in ("chosen", "rejected")]
     by_item = {i: [r for r in rows if r["item_id"] == i] for i in ITEMS}
@@ -134,12 +135,12 @@ def test_object_masks_rows_shapes_and_reasons(tiny, samples):
 
 def test_object_masks_refuses_inconsistent_tables(tiny, samples):
     with pytest.raises(ValueError, match="prompts table"):
-        object_masks(_pairs(samples), _prompts({"0000000": ITEMS["0000000"]}), tiny, MasksConfig())
+        object_masks(_pairs(samples), _prompts({"0000000": ITEMS["0000000"]}), tools_for(tiny), MasksConfig())
     twice = {"0000000": ITEMS["0000000"]}
     duplicate = dict(item_id="0000000", prompt="a red apple", chosen_tokens=samples[0].tolist(),
                      rejected_tokens=samples[1].tolist(), ok=True)
     with pytest.raises(ValueError, match="one pair per item"):
-        object_masks(_pairs(samples, twice, extra=[duplicate]), _prompts(twice), tiny, MasksConfig())
+        object_masks(_pairs(samples, twice, extra=[duplicate]), _prompts(twice), tools_for(tiny), MasksConfig())
 
 
 def test_attention_does_not_depend_on_left_padding(tiny, samples):
@@ -191,7 +192,7 @@ def test_known_attention_gives_known_mask(tiny, samples, monkeypatch):
         return known
 
     _patch_attention(monkeypatch, make_weights)
-    masks = object_masks(_pairs(samples, items), _prompts(items), tiny, MasksConfig(batch_size=4)).to_pylist()
+    masks = object_masks(_pairs(samples, items), _prompts(items), tools_for(tiny), MasksConfig(batch_size=4)).to_pylist()
     assert [{i for i, v in enumerate(r["mask"]) if v} for r in masks] == cells
 
 
@@ -216,7 +217,7 @@ def test_only_the_middle_layers_are_read(tiny, samples, monkeypatch):
 
 def test_training_with_object_masks(tiny, samples, tmp_path):
     pairs = _pairs(samples)
-    masks = object_masks(pairs, _prompts(), tiny, MasksConfig())
+    masks = object_masks(pairs, _prompts(), tools_for(tiny), MasksConfig())
     cfg = TrainConfig(max_steps=2, batch_size=4, gradient_accumulation_steps=1, gradient_checkpointing=False,
                       logging_steps=1, object_weighting=True)
     bundle = load_janus("tiny", device="cpu")  # training takes ownership of the model: not the shared fixture

@@ -192,7 +192,7 @@ def test_no_code_unpickles_or_trusts_remote_code():
 
 def test_oom_backoff_halves_the_batch_and_training_keeps_pairs_per_step():
     from ospo_core.config import RenderConfig, TrainConfig
-    from tasks.common import with_oom_backoff
+    from tasks.context import with_oom_backoff
 
     def run_fitting(limit):  # a stage that runs out of memory above `limit` rows per batch
         seen = []

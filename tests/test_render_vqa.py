@@ -4,6 +4,7 @@ import datasets
 import pyarrow as pa
 import pytest
 
+from ospo_core.plugins import tools_for
 from ospo_core.config import RenderConfig, SelectConfig, VQAConfig
 from ospo_core.janus.image import sample_images
 from ospo_core.janus.score import score_yes_no
@@ -39,7 +40,7 @@ def _questions():
 
 @pytest.fixture(scope="module")
 def images(tiny):
-    return render(_dense(), tiny, RenderConfig(batch_size=3))
+    return render(_dense(), tools_for(tiny), RenderConfig(batch_size=3))
 
 
 def test_render_rows_seeds_and_tokens(tiny, images, tmp_path):
@@ -62,7 +63,7 @@ def test_vqa_scores_every_image_and_counts_corrupt_ones(tiny, images):
     rows = images.to_pylist()
     rows[1]["image"] = {"bytes": b"not a png", "path": None}  # one corrupt negative image
     table = pa.Table.from_pylist(rows, schema=images.schema)
-    vqa = self_vqa(table, _questions(), tiny, VQAConfig(batch_size=2))
+    vqa = self_vqa(table, _questions(), tools_for(tiny), VQAConfig(batch_size=2))
     # base images: base questions (2) + their item's negative question sets (1 each); negatives: base questions
     per_item_negs = {i: len(n) for i, _, n in ITEMS}
     expected = sum(2 + per_item_negs[r["item_id"]] if r["side"] == "base" else 2 for r in rows)
@@ -78,7 +79,7 @@ def test_vqa_scores_every_image_and_counts_corrupt_ones(tiny, images):
 
 
 def test_v2_selection_runs_on_stage_tables(tiny, images):
-    vqa = self_vqa(images, _questions(), tiny, VQAConfig())
+    vqa = self_vqa(images, _questions(), tools_for(tiny), VQAConfig())
     negatives = to_table([dict(item_id=i, k=k, prompt=p, negative_prompt=n, perturbation="replace", ok=True)
                           for i, p, negs in ITEMS for k, n in enumerate(negs)], NEGATIVES)
     pairs = select_pairs(images, vqa, _questions(), negatives, SelectConfig(margin=0.0), model_loglik(tiny))

@@ -85,9 +85,10 @@ def test_a_round_on_ray_writes_the_tables_of_the_single_process_run(rounds):
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_shard_is_restarted_and_the_table_is_complete(rounds, tmp_path):
+    from ospo_core.pipeline import IMAGES, Stage
     from ospo_core.stages import render as render_stage
-    from tasks.common import StageContext, bundle_for, run_stage
-    from tasks.stages import IMAGES as IMAGES_SPEC
+    from tasks.context import StageContext
+    from tasks.runner import run_stage
 
     config = small_config(execution=TWO_CPU_WORKERS)
     manifest = store.read_manifest(rounds["local"] / "runs" / "r")
@@ -99,14 +100,15 @@ def test_a_replica_killed_mid_shard_is_restarted_and_the_table_is_complete(round
     victim = dense_rows.column("item_id")[config.shard_rows].as_py()  # first row of shard 1
     died = tmp_path / "died"
 
-    def render_or_die(cfg, rows):
+    def render_or_die(dense, tools, cfg):
         """Kills its worker process the first time it is given shard 1, before writing anything."""
-        if rows.column("item_id")[0].as_py() == victim and not died.exists():
+        if dense.column("item_id")[0].as_py() == victim and not died.exists():
             died.write_text(str(os.getpid()))
             os._exit(1)
-        return render_stage.render(rows, bundle_for(ctx), cfg)
+        return render_stage.render(dense, tools, cfg)
 
-    run_stage(IMAGES_SPEC, ctx, config.render, render_or_die, {"dense": dense}, shard_input="dense")
+    run_stage(Stage(IMAGES.name, IMAGES.task, render_or_die, reads=IMAGES.reads, uses=IMAGES.uses,
+                    shard=IMAGES.shard), ctx, config.render, {"dense": dense})
     assert died.is_file()  # the worker did die mid-stage
     got = store.read_table(tmp_path / "runs" / "r" / "images", IMAGES, name="images")
     assert got.to_pylist() == read(rounds["local"], "images").to_pylist()
@@ -140,11 +142,12 @@ def test_two_training_processes_follow_one_process_with_twice_the_accumulation(p
     DDP and with FSDP. (While the trainer called the language model beside the DDP wrapper, the gradients were not
     averaged and step 2's loss already differed in the third decimal.)"""
     from ospo_core.janus.load import load_janus
+    from ospo_core.plugins import tools_for
     from ospo_core.stages.render import render
     from tasks import stages
 
     bundle = load_janus("tiny", device="cpu")
-    images = render(dense_table(), bundle, RenderConfig(batch_size=8)).to_pylist()
+    images = render(dense_table(), tools_for(bundle), RenderConfig(batch_size=8)).to_pylist()
     pairs = to_table([dict(item_id=b["item_id"], t2i_category=b["t2i_category"], sub_category=b["sub_category"],
                            rule="v2", prompt=b["prompt"], rejected_prompt=r["prompt"], chosen=b["image"],
                            rejected=r["image"], chosen_tokens=b["image_tokens"], rejected_tokens=r["image_tokens"],
@@ -158,10 +161,10 @@ def test_two_training_processes_follow_one_process_with_twice_the_accumulation(p
         ctx = context(str(tmp_path / name), bundle).model_copy(
             update={"execution": ExecutionConfig(num_processes=processes, data_parallel=data_parallel)})
         ref = stages.train(ctx, TrainConfig(**base, gradient_accumulation_steps=accumulation),
-                           write_input(ctx, "pairs", pairs))
+                           pairs=write_input(ctx, "pairs", pairs))
         losses = [r["value"] for r in store.read_table(ref["path"], SCHEMAS["train_history"]).to_pylist()
                   if r["metric"] == "loss"]
-        runs[name] = losses, load_file(Path(ref["adapter"]) / "adapter_model.safetensors")
+        runs[name] = losses, load_file(ctx.round_path / "train" / "adapter" / "adapter_model.safetensors")
     one, one_adapter = runs["one"]
     assert len(one) == 3
     for name in ("ddp", "fsdp"):
@@ -179,18 +182,18 @@ def test_the_base_install_runs_without_ray(tmp_path):
 import sys
 sys.modules["ray"] = None  # import ray -> ImportError, as in an install without the extra
 sys.modules["prefect_ray"] = None
-import flows.round, flows.self_improve, tasks.stages, ospo_core.cli
+import flows.round, flows.self_improve, tasks.stages, ospo_cli.main
 from helpers.crash_driver import main
 main("render", {str(tmp_path)!r})
 from ospo_core.config import ExecutionConfig, RenderConfig
 from ospo_core.janus.load import load_janus
 from helpers.crash_driver import context, dense_table, write_input
-from tasks.common import StageSpec, run_stage
+from ospo_core.pipeline import IMAGES
+from tasks.runner import run_stage
 ctx = context({str(tmp_path / "ray")!r}, load_janus("tiny", device="cpu"))
 ctx = ctx.model_copy(update={{"execution": ExecutionConfig(execution="ray")}})
 try:
-    run_stage(StageSpec("images", ("dense",), ()), ctx, RenderConfig(), lambda c, rows: rows,
-              {{"dense": write_input(ctx, "dense", dense_table())}}, shard_input="dense")
+    run_stage(IMAGES, ctx, RenderConfig(), {{"dense": write_input(ctx, "dense", dense_table())}})
 except RuntimeError as error:
     assert "pip install" in str(error), error
 else:

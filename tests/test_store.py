@@ -47,10 +47,11 @@ def test_ospo_home_from_env_or_cwd(tmp_path, monkeypatch):
     assert store.ospo_home() == tmp_path.resolve() / ".ospo"
 
 
-def test_table_dir_knows_the_tables(tmp_path):
+def test_table_dir_takes_plain_table_names_only(tmp_path):
     assert store.table_dir(tmp_path, "pairs") == tmp_path / "pairs"
-    with pytest.raises(ValueError, match="unknown table 'pair'"):
-        store.table_dir(tmp_path, "pair")
+    for name in ("../pairs", "Pairs", "pairs/x", ""):
+        with pytest.raises(ValueError, match="not a plain lowercase name"):
+            store.table_dir(tmp_path, name)
 
 
 # ---------------------------------------------------------------- sharded Parquet

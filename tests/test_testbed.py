@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ospo_core import config as configs
+from ospo_core.plugins import tools_for
 from ospo_core.config import TESTBED_OVERRIDES, PerturbConfig, PromptsConfig, RoundConfig, VQAConfig, deep_update
 from ospo_core.records import IMAGES, QUESTIONS, image_cell, to_table
 from ospo_core.stages.perturb import perturb
@@ -137,35 +138,35 @@ def test_replace_and_drop_always_change_the_scene():
 
 def test_testbed_text_stages_write_world_captions_negatives_and_questions():
     cfg = RoundConfig.model_validate(TESTBED_OVERRIDES)
-    prompts = generate_prompts(None, cfg.prompts.model_copy(update={"quotas": dict.fromkeys(CATEGORIES, 3)}))
+    prompts = generate_prompts(tools_for(None, world="shapes"), cfg.prompts.model_copy(update={"quotas": dict.fromkeys(CATEGORIES, 3)}))
     assert prompts.num_rows == 18 and set(prompts.column("source").to_pylist()) == {"testbed"}
     heldout = {d.key() for c in CATEGORIES for d in WORLD.split(c)[1]}
     assert not any(WORLD.parse(p).key() in heldout for p in prompts.column("prompt").to_pylist())
     assert prompts.column("item_id").to_pylist()[:3] == ["0000000", "0000001", "0000002"]
-    negatives = perturb(prompts, None, cfg.perturb)
+    negatives = perturb(prompts, tools_for(None, world="shapes"), cfg.perturb)
     assert negatives.num_rows == 18 * 3
     assert sum(negatives.column("ok").to_pylist()) >= 0.9 * negatives.num_rows
     for row in negatives.to_pylist():  # failures are kept with their reason, never dropped
         assert row["ok"] or row["reason"] == f"nothing_to_{row['perturbation']}"
         if row["ok"]:
             assert WORLD.parse(row["negative_prompt"]).key() != WORLD.parse(row["prompt"]).key()
-    questions = generate_questions(prompts, negatives, None, cfg.questions)
+    questions = generate_questions(prompts, negatives, tools_for(None, world="shapes"), cfg.questions)
     first = questions.to_pylist()[0]
     assert first["questions"] == WORLD.questions(WORLD.parse(first["prompt"]))
 
 
 def test_testbed_prompts_refuse_categories_the_world_does_not_have():
     with pytest.raises(ValueError, match="no captions for \\['shape1'\\]"):
-        generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1", "shape1")))
+        generate_prompts(tools_for(None, world="shapes"), PromptsConfig(sub_categories=("color1", "shape1")))
     with pytest.raises(ValueError, match="exceeds the 9 training captions"):
-        generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1",), quotas={"color1": 10}))
+        generate_prompts(tools_for(None, world="shapes"), PromptsConfig(sub_categories=("color1",), quotas={"color1": 10}))
 
 
 def test_a_model_written_prompt_reaching_a_testbed_stage_is_kept_and_marked():
-    prompts = generate_prompts(None, PromptsConfig(source="testbed", sub_categories=("color1",), quotas={"color1": 1}))
+    prompts = generate_prompts(tools_for(None, world="shapes"), PromptsConfig(sub_categories=("color1",), quotas={"color1": 1}))
     prompts = prompts.set_column(prompts.schema.get_field_index("prompt"), "prompt",
                                  [["a fluffy cat on a wooden table"]])
-    negatives = perturb(prompts, None, PerturbConfig(source="testbed"))
+    negatives = perturb(prompts, tools_for(None, world="shapes"), PerturbConfig())
     assert negatives.column("reason").to_pylist() == ["not_a_world_caption"] * 3
 
 
@@ -178,7 +179,7 @@ def test_self_vqa_with_the_oracle_judge_reads_the_image_tokens():
     questions = to_table([{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
                            "side": "base", "k": -1, "prompt": "p", "ok": True,
                            "questions": ["Is there one red square?", "Is there a dog?"]}], QUESTIONS)
-    vqa = self_vqa(images, questions, None, VQAConfig(judge="oracle")).to_pylist()
+    vqa = self_vqa(images, questions, tools_for(None, judge="oracle"), VQAConfig(judge="oracle")).to_pylist()
     assert [(r["side"], r["p_yes"], r["answer"], r["reason"]) for r in vqa] == [
         ("base", 1.0, "yes", None), ("base", None, None, "oracle_unknown_question"),
         ("negative", 0.0, "no", None), ("negative", None, None, "oracle_unknown_question"),
@@ -186,7 +187,7 @@ def test_self_vqa_with_the_oracle_judge_reads_the_image_tokens():
 
 
 def test_the_testbed_command_line_changes_only_what_it_names():
-    from ospo_core.cli import UsageError, build_parser, build_testbed_config
+    from ospo_cli.main import UsageError, build_parser, build_testbed_config
 
     args = build_parser().parse_args(["testbed", "--seeds", "2", "--settings", "ospo,sft", "--judge", "self",
                                       "--set", "round.train.max_steps=20", "--set", "pretrain.steps=500"])
@@ -194,7 +195,7 @@ def test_the_testbed_command_line_changes_only_what_it_names():
     assert (cfg.seeds, cfg.settings, cfg.round.vqa.judge) == ([0, 1], ["ospo", "sft"], "self")
     assert (cfg.round.train.max_steps, cfg.pretrain.steps) == (20, 500)
     # the rest of the round is still the testbed preset, not the paper's defaults
-    assert cfg.round.prompts.source == "testbed"
+    assert cfg.round.world == "shapes"
     assert cfg.round.train.learning_rate == TESTBED_OVERRIDES["train"]["learning_rate"]
     with pytest.raises(UsageError, match="unknown testbed setting"):
         build_testbed_config(build_parser().parse_args(["testbed", "--settings", "ospo,best"]))

@@ -15,6 +15,7 @@ import ospo_core.stages.densify as densify_module
 import ospo_core.stages.perturb as perturb_module
 import ospo_core.stages.prompts as prompts_module
 import ospo_core.stages.questions as questions_module
+from ospo_core.plugins import tools_for
 from ospo_core.config import DensifyConfig, PerturbConfig, PromptsConfig, QuestionsConfig
 from ospo_core.records import DENSE, NEGATIVES, PROMPTS, QUESTIONS, to_table
 from ospo_core.stages.common import row_seed
@@ -101,7 +102,7 @@ def test_prompts_rules_quotas_and_item_ids(script):
     }))
     cfg = PromptsConfig(**only({"color1": 3, "2D_spatial": 1, "complex": 2}), repeat=4,
                         max_draws_per_item=3, max_new_tokens=7)
-    table = generate_prompts(None, cfg)
+    table = generate_prompts(tools_for(None), cfg)
     rows = table.to_pylist()
     assert [(r["sub_category"], r["item_id"], r["reason"]) for r in rows] == [
         ("attribute1_color", "0000000", None),
@@ -133,7 +134,7 @@ def test_prompts_structured_fallback_fills_the_shortfall(script):
     script(prompts_module, lambda chat: "nonsense")
     cfg = PromptsConfig(**only({"color2": 2, "numeracy2": 1}), max_draws_per_item=1,
                         fallback="structured")
-    rows = generate_prompts(None, cfg).to_pylist()
+    rows = generate_prompts(tools_for(None), cfg).to_pylist()
     assert [(r["source"], r["ok"], r["item_id"]) for r in rows] == [
         ("model", False, None), ("model", False, None), ("fallback", True, "0000000"), ("fallback", True, "0000001"),
         ("model", False, None), ("fallback", True, "1000000"),
@@ -159,7 +160,7 @@ def test_prompts_rotation_redraws_shots_from_accepted_prompts(script):
     counter = iter(range(100))
     fake = script(prompts_module, lambda chat: answer_line(f"a cat number {next(counter)}"))
     cfg = PromptsConfig(**only({"color1": 5}), repeat=1, rotation_interval=2)
-    rows = generate_prompts(None, cfg).to_pylist()
+    rows = generate_prompts(tools_for(None), cfg).to_pylist()
     assert [r["item_id"] for r in rows] == [f"000000{i}" for i in range(5)]
     # Steps 0-1 and 2-3 use the template's shots (3 accepted are needed to rotate: none at step 2), step 4 rotates.
     assert [len(c["chats"]) for c in fake.calls] == [2, 2, 1]
@@ -195,7 +196,7 @@ def test_perturb_assignment_seeds_and_reasons(script):
                       "reason": "bad_format"}], PROMPTS)
     prompts = pa.concat_tables([prompts_table(ITEMS), junk])
     cfg = PerturbConfig(max_new_tokens=9)
-    table = perturb(prompts, None, cfg)
+    table = perturb(prompts, tools_for(None), cfg)
     rows = table.to_pylist()
     assert len(rows) == 4 * 3  # ok items x k; the rejected prompt row is not an item
     for row in rows:
@@ -218,7 +219,7 @@ def test_perturb_assignment_seeds_and_reasons(script):
 
 def test_perturb_structured_fallback(script):
     script(perturb_module, negative_answers)
-    rows = perturb(prompts_table(ITEMS), None, PerturbConfig(fallback="structured")).to_pylist()
+    rows = perturb(prompts_table(ITEMS), tools_for(None), PerturbConfig(fallback="structured")).to_pylist()
     got = {(r["item_id"], r["k"]): r for r in rows}
     assert got[("0000000", 0)]["source"] == "model"
     assert got[("0000000", 1)]["negative_prompt"] == "a blue cup and a red lamp"  # swap the two attributes
@@ -241,24 +242,24 @@ def test_perturb_fallback_that_finds_nothing_leaves_the_row_failed(script):
     script(perturb_module, lambda chat: "nonsense")
     single = [{"item_id": "0000000", "t2i_category": "attribute", "sub_category": "attribute2",
                "prompt": "a cup and a lamp", "relation": ""}]
-    rows = perturb(prompts_table(single), None, PerturbConfig(fallback="structured")).to_pylist()
+    rows = perturb(prompts_table(single), tools_for(None), PerturbConfig(fallback="structured")).to_pylist()
     assert [(r["ok"], r["reason"], r["source"]) for r in rows] == [(False, "no_marker", "model")] * 3
 
 
 def test_stages_name_a_missing_input_column():
     prompts = prompts_table(ITEMS)
     with pytest.raises(ValueError, match="no column 'prompt'"):
-        perturb(prompts.drop_columns(["prompt"]), None, PerturbConfig())
+        perturb(prompts.drop_columns(["prompt"]), tools_for(None), PerturbConfig())
     with pytest.raises(ValueError, match="no column 'attributes'"):
-        perturb(prompts.drop_columns(["attributes"]), None, PerturbConfig(fallback="structured"))
+        perturb(prompts.drop_columns(["attributes"]), tools_for(None), PerturbConfig(fallback="structured"))
     nulled = prompts.set_column(prompts.schema.get_field_index("prompt"), "prompt", pa.array([None] * 4, pa.string()))
     with pytest.raises(ValueError, match="null 'prompt'.*mark that row ok=False"):
-        perturb(nulled, None, PerturbConfig())
+        perturb(nulled, tools_for(None), PerturbConfig())
     negatives = to_table([], NEGATIVES)
     with pytest.raises(ValueError, match="no column 'negative_prompt'"):
-        densify(negatives.drop_columns(["negative_prompt"]), None, DensifyConfig())
+        densify(negatives.drop_columns(["negative_prompt"]), tools_for(None), DensifyConfig())
     with pytest.raises(ValueError, match="no column 'k'"):
-        generate_questions(prompts, negatives.drop_columns(["k"]), None, QuestionsConfig())
+        generate_questions(prompts, negatives.drop_columns(["k"]), tools_for(None), QuestionsConfig())
 
 
 # --- stage 2b ---------------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_densify_parses_both_dense_prompts_or_fails_both(script):
 
     fake = script(densify_module, answer)
     negatives = negatives_table(NEGATIVE_PAIRS)
-    rows = densify(negatives, None, DensifyConfig()).to_pylist()
+    rows = densify(negatives, tools_for(None), DensifyConfig()).to_pylist()
     assert len(rows) == 3  # one per ok negative
     assert [(r["dense_prompt"], r["negative_dense_prompt"], r["reason"]) for r in rows] == [
         ("A red cup, lit.", "A green cup, lit.", None),
@@ -299,7 +300,7 @@ def test_densify_parses_both_dense_prompts_or_fails_both(script):
     assert fake.calls[0]["chats"][0][-1]["content"].startswith(
         "Prompt 1: a red cup and a blue lamp\nPrompt 2: a green cup and a blue lamp\n")
 
-    fallback = densify(negatives, None, DensifyConfig(fallback="structured")).to_pylist()
+    fallback = densify(negatives, tools_for(None), DensifyConfig(fallback="structured")).to_pylist()
     assert [(r["dense_prompt"], r["negative_dense_prompt"], r["source"], r["ok"]) for r in fallback[1:]] == [
         ("a cat behind a dog", "a dog behind a cat", "fallback", True),
         ("two cats and three dogs", "three cats and two dogs", "fallback", True),
@@ -318,7 +319,7 @@ def test_questions_for_base_and_negative_prompts(script):
 
     fake = script(questions_module, answer)
     prompts, negatives = prompts_table(ITEMS), negatives_table(NEGATIVE_PAIRS)
-    rows = generate_questions(prompts, negatives, None, QuestionsConfig()).to_pylist()
+    rows = generate_questions(prompts, negatives, tools_for(None), QuestionsConfig()).to_pylist()
     assert [(r["item_id"], r["side"], r["k"], r["ok"], r["reason"]) for r in rows] == [
         ("0000000", "base", -1, True, None),
         ("0000001", "base", -1, False, "no_marker"),
@@ -332,7 +333,7 @@ def test_questions_for_base_and_negative_prompts(script):
     assert fake.calls[0]["seed"] == [row_seed(42, r["item_id"], r["k"]) for r in rows]
     assert (fake.calls[0]["temperature"], fake.calls[0]["top_p"], fake.calls[0]["max_new_tokens"]) == (1.2, 0.5, 256)
 
-    fallback = generate_questions(prompts, negatives, None, QuestionsConfig(fallback="structured")).to_pylist()
+    fallback = generate_questions(prompts, negatives, tools_for(None), QuestionsConfig(fallback="structured")).to_pylist()
     got = {(r["item_id"], r["side"], r["k"]): r["questions"] for r in fallback}
     assert got[("0000001", "base", -1)] == ["Is there a green cup?"]
     assert got[("1000000", "base", -1)] == ["Is there a cat?", "Is there a dog?", "Is the cat behind the dog?"]
@@ -361,7 +362,7 @@ def assert_accounted(table: pa.Table, schema: pa.Schema, rows_in: int):
 
 def test_tiny_model_prompts_without_fallback(tiny):
     cfg = PromptsConfig(max_len=1, max_draws_per_item=2, **SMALL)
-    table = generate_prompts(tiny, cfg)
+    table = generate_prompts(tools_for(tiny), cfg)
     assert_accounted(table, PROMPTS, 12 * 2)  # every draw is a row, whether it parsed or not
     rows = table.to_pylist()
     assert all(r["raw_output"] is not None and r["source"] == "model" for r in rows)
@@ -370,23 +371,23 @@ def test_tiny_model_prompts_without_fallback(tiny):
 
 def test_tiny_model_later_stages_without_fallback(tiny):
     prompts, negatives = prompts_table(ITEMS), negatives_table(NEGATIVE_PAIRS)
-    negative_rows = perturb(prompts, tiny, PerturbConfig(**SMALL))
+    negative_rows = perturb(prompts, tools_for(tiny), PerturbConfig(**SMALL))
     assert_accounted(negative_rows, NEGATIVES, 4 * 3)
     # Per-row seeds: the same table whatever the batch size.
-    assert perturb(prompts, tiny, PerturbConfig(max_new_tokens=16, batch_size=5)).equals(negative_rows)
-    assert_accounted(densify(negatives, tiny, DensifyConfig(**SMALL)), DENSE, 3)
-    assert_accounted(generate_questions(prompts, negatives, tiny, QuestionsConfig(**SMALL)), QUESTIONS, 4 + 3)
+    assert perturb(prompts, tools_for(tiny), PerturbConfig(max_new_tokens=16, batch_size=5)).equals(negative_rows)
+    assert_accounted(densify(negatives, tools_for(tiny), DensifyConfig(**SMALL)), DENSE, 3)
+    assert_accounted(generate_questions(prompts, negatives, tools_for(tiny), QuestionsConfig(**SMALL)), QUESTIONS, 4 + 3)
 
 
 def test_tiny_model_round_with_structured_fallback(tiny):
     quotas = {"color2": 1, "2D_spatial": 1, "numeracy2": 1, "complex": 1}
-    prompts = generate_prompts(tiny, PromptsConfig(**only(quotas), max_draws_per_item=1, fallback="structured",
+    prompts = generate_prompts(tools_for(tiny), PromptsConfig(**only(quotas), max_draws_per_item=1, fallback="structured",
                                                    **SMALL))
     items = prompts.filter(prompts.column("ok"))
     assert items.num_rows == 4
     assert sorted(items.column("item_id").to_pylist()) == ["0000000", "1000000", "1000001", "3000000"]
 
-    negatives = perturb(prompts, tiny, PerturbConfig(fallback="structured", **SMALL))
+    negatives = perturb(prompts, tools_for(tiny), PerturbConfig(fallback="structured", **SMALL))
     assert_accounted(negatives, NEGATIVES, 4 * 3)
     ok_negatives = negatives.filter(negatives.column("ok"))
     assert ok_negatives.num_rows >= 8  # every drop and swap has a structure to work on; a replace may not
@@ -394,11 +395,11 @@ def test_tiny_model_round_with_structured_fallback(tiny):
         assert row["negative_prompt"] and row["negative_prompt"] != row["prompt"]
         assert row["raw_output"] is not None  # what the model really said stays beside the fallback
 
-    dense = densify(negatives, tiny, DensifyConfig(fallback="structured", **SMALL))
+    dense = densify(negatives, tools_for(tiny), DensifyConfig(fallback="structured", **SMALL))
     assert_accounted(dense, DENSE, ok_negatives.num_rows)
     assert all(r["ok"] and r["dense_prompt"] for r in dense.to_pylist())
 
-    questions = generate_questions(prompts, negatives, tiny, QuestionsConfig(fallback="structured", **SMALL))
+    questions = generate_questions(prompts, negatives, tools_for(tiny), QuestionsConfig(fallback="structured", **SMALL))
     assert_accounted(questions, QUESTIONS, 4 + ok_negatives.num_rows)
     ok_questions = [r for r in questions.to_pylist() if r["ok"]]
     assert len(ok_questions) >= 4 + ok_negatives.num_rows - 2

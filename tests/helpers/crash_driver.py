@@ -6,6 +6,7 @@ python tests/helpers/crash_driver.py STAGE HOME   -> runs the stage to completio
 import os
 import sys
 import time
+from functools import partial
 
 for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRL_EXPERIMENTAL_SILENCE"):
     os.environ.setdefault(key, "1")
@@ -15,10 +16,12 @@ from transformers import TrainerCallback  # noqa: E402
 from ospo_core.config import RenderConfig, TrainConfig, VQAConfig  # noqa: E402
 from ospo_core.janus.load import load_janus  # noqa: E402
 from ospo_core.records import DENSE, PAIRS, QUESTIONS, to_table  # noqa: E402
+from ospo_core.pipeline import Stage  # noqa: E402
 from ospo_core.stages.render import render  # noqa: E402
 from ospo_core.stages.vqa import self_vqa  # noqa: E402
 from ospo_core.train.trainer import train_ospo  # noqa: E402
-from tasks.common import StageContext, StageSpec, read_ref, run_stage  # noqa: E402
+from tasks.context import StageContext, keep_model  # noqa: E402
+from tasks.runner import read_ref, run_stage  # noqa: E402
 
 ITEMS = [(f"00000{i:02d}", f"a red apple number {i}", f"a green apple number {i}") for i in range(6)]
 SLOW = float(os.environ.get("CRASH_DRIVER_DELAY", "0"))  # seconds per shard/step, so a test can kill mid-way
@@ -40,33 +43,41 @@ def context(home: str, bundle) -> StageContext:
     return StageContext(round_id="crash", home=home, model="tiny", fingerprint=bundle.fingerprint, shard_rows=2)
 
 
+def _given(table, tools, cfg):
+    return table
+
+
 def write_input(ctx, name, table):
     """Inputs are written through the same path as stage outputs, so they have refs (path, hash)."""
-    spec = StageSpec(name, (), (sys.modules[__name__],))
-    return run_stage(spec, ctx, None, lambda cfg, rows: table, {})
+    return run_stage(Stage(name, f"write-{name}", partial(_given, table)), ctx, None, {})[0]
 
 
-def slow(cfg, rows, fn):
+def slow_render(dense, tools, cfg):
     time.sleep(SLOW)
-    return fn(cfg, rows)
+    return render(dense, tools, cfg)
+
+
+def slow_vqa(images, questions, tools, cfg):
+    time.sleep(SLOW)
+    return self_vqa(images, questions, tools, cfg)
+
+
+SLOW_IMAGES = Stage("images", "render", slow_render, reads=("dense",), code=(render,), uses=("decoder",),
+                    shard="dense")
+SLOW_VQA = Stage("vqa", "self-vqa", slow_vqa, reads=("images", "questions"), code=(self_vqa,), uses=("judge",),
+                 shard="images")
 
 
 def main(stage: str, home: str) -> None:
     bundle = load_janus("tiny", device="cpu")
     ctx = context(home, bundle)
+    keep_model(ctx, bundle)
     dense = write_input(ctx, "dense", dense_table())
-    images_spec = StageSpec("images", ("dense",), (render,))
-    images = run_stage(images_spec, ctx, RenderConfig(batch_size=2),
-                       lambda c, rows: slow(c, rows, lambda c2, r: render(r, bundle, c2)), {"dense": dense},
-                       shard_input="dense")
+    images, _ = run_stage(SLOW_IMAGES, ctx, RenderConfig(batch_size=2), {"dense": dense})
     if stage == "render":
         return
     questions = write_input(ctx, "questions", questions_table())
-    vqa_spec = StageSpec("vqa", ("images", "questions"), (self_vqa,))
-    qtable = read_ref(questions)
-    run_stage(vqa_spec, ctx, VQAConfig(batch_size=2),
-              lambda c, rows: slow(c, rows, lambda c2, r: self_vqa(r, qtable, bundle, c2)),
-              {"images": images, "questions": questions}, shard_input="images")
+    run_stage(SLOW_VQA, ctx, VQAConfig(batch_size=2), {"images": images, "questions": questions})
     if stage == "vqa":
         return
     rows = read_ref(images).to_pylist()
