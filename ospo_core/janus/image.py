@@ -23,13 +23,9 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from ospo_core.janus.chat import generation_prompt, unconditional_ids
 from ospo_core.janus.load import JanusBundle
+from ospo_core.janus.memory import KV_BLOCK  # ~10 attention shapes over a 576-token image: few recompiles
 from ospo_core.janus.sampling import as_seeds, row_uniforms, sample_tokens
-from ospo_core.janus.text import positions_from_mask
-
-# Attention reads the cache in blocks of this many positions (and the cache length is a whole number of blocks):
-# ~10 distinct shapes over a 576-token image, so a compiled step is recompiled / re-graphed a handful of times.
-KV_BLOCK = 64
-COMPILE_MODES = (None, "eager", "auto", "default", "reduce-overhead", "max-autotune")
+from ospo_core.janus.text import positions_from_mask, resolve_compile_mode
 
 
 @dataclass
@@ -115,15 +111,12 @@ def sample_image_tokens(
         raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES[1:]} or None (eager), got {compile_mode!r}")
-    if compile_mode == "auto":  # the step is launch-bound on a GPU: CUDA graphs 2.2-4.3x (bench/RESULTS.md)
-        compile_mode = "reduce-overhead" if bundle.device.type == "cuda" else None
+    compile_mode = resolve_compile_mode(compile_mode, bundle.device)
     seeds = as_seeds(seed, len(prompts))
     # dynamic=None: the attention span (a Python int on the cache) turns symbolic after its first change, so the
     # step compiles a few times, and CUDA graphs ("reduce-overhead") are recorded once per KV block. Not fullgraph:
     # past torch's recompile limit (many batch or prompt lengths) a step falls back to eager instead of failing.
-    compiled = compile_mode not in (None, "eager")
+    compiled = compile_mode is not None
     step = torch.compile(guided_logits, mode=compile_mode, dynamic=None) if compiled else guided_logits
     caches: dict[int, PrefixCache] = {}  # one per batch size, reused by every batch: CUDA graphs keep their inputs
     tokens = []

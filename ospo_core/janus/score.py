@@ -38,8 +38,9 @@ def score_yes_no(
     """For each image, (p_yes, p_no) per question from the next-token distribution of the understanding chat.
 
     p_yes = max(P[yes], P[Yes]), p_no = max(P[no], P[No]) under the full-vocabulary softmax. With `shared_prefix`
-    the part of the prompt shared by an image's questions (system prompt + image) is run once and its KV cache is
-    expanded to the questions, which are then batched; the result equals one full forward per question.
+    the part of the prompt shared by an image's questions (system prompt + image) is run once, and its questions
+    are packed into that image's one cache row behind it (each attending the prefix and itself only); the result
+    equals one full forward per question, and no cache row is copied per question.
     """
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} question lists; pass one list per image")
@@ -96,26 +97,32 @@ def _score_shared(bundle, images, questions, yes, no):
             prefix_len = int(neq[0])
     has_q = [i for i, qs in enumerate(questions) if qs]
     pixel_values = bundle.processor.image_processor([images[i] for i in has_q], return_tensors="pt")["pixel_values"]
-    prefix = first[:prefix_len].unsqueeze(0).expand(len(has_q), -1).to(device)  # (I, L)
-    out = model.model(input_ids=prefix, pixel_values=pixel_values.to(device, bundle.dtype), use_cache=True)
-    cache = out.cache
-    # Expand each image's cache row to its questions, then run all suffixes as one right-padded batch.
-    owner = torch.tensor([j for j, i in enumerate(has_q) for _ in questions[i]], device=device)  # (Q,)
-    cache.reorder_cache(owner)
-    suffixes = [t[prefix_len:] for t in flat]
-    lengths = torch.tensor([len(s) for s in suffixes], device=device)
-    width = int(lengths.max())
-    pad = bundle.tokenizer.pad_token_id
-    suffix = torch.full((len(flat), width), pad, dtype=torch.long)
-    for r, s in enumerate(suffixes):
-        suffix[r, : len(s)] = s
-    suffix_mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()  # (Q, S)
-    mask = torch.cat([suffix_mask.new_ones(len(flat), prefix_len), suffix_mask], dim=-1)  # (Q, L + S)
-    positions = prefix_len + torch.arange(width, device=device).expand(len(flat), -1)
-    hidden = model.model(input_ids=suffix.to(device), attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True).last_hidden_state  # (Q, S, D)
-    last = hidden[torch.arange(len(flat), device=device), lengths - 1]  # (Q, D): logits at the last position only
-    probs = torch.softmax(model.lm_head(last).float(), -1)
+    prefix = first[:prefix_len].unsqueeze(0).expand(len(has_q), -1).to(device)  # (I, P)
+    cache = model.model(input_ids=prefix, pixel_values=pixel_values.to(device, bundle.dtype), use_cache=True).cache
+    # Each image's questions are packed into one row after its prefix: question j's tokens take positions P, P+1,
+    # ... (as in its own full prompt) and attend the prefix and their own question only (a block-diagonal mask).
+    # So one cache row per image serves all its questions: nothing is copied per question.
+    suffixes = [[t[prefix_len:] for t in ids[i]] for i in has_q]
+    width = max(sum(len(s) for s in row) for row in suffixes)
+    packed = torch.full((len(has_q), width), bundle.tokenizer.pad_token_id, dtype=torch.long)  # (I, W)
+    positions = torch.full((len(has_q), width), prefix_len, dtype=torch.long)  # (I, W)
+    block = torch.full((len(has_q), width), -1, dtype=torch.long)  # (I, W) question index, -1 = padding
+    last = []  # (row, column) of each question's last token, in question order
+    for r, row in enumerate(suffixes):
+        col = 0
+        for j, sfx in enumerate(row):
+            packed[r, col : col + len(sfx)] = sfx
+            positions[r, col : col + len(sfx)] += torch.arange(len(sfx))
+            block[r, col : col + len(sfx)] = j
+            col += len(sfx)
+            last.append((r, col - 1))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (W, W)
+    own = (block[:, :, None] == block[:, None, :]) & causal  # (I, W, W): same question, not later
+    mask = torch.cat([torch.ones(len(has_q), width, prefix_len, dtype=torch.bool), own], dim=-1)[:, None]
+    hidden = model.model(input_ids=packed.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), cache=cache, use_cache=True).last_hidden_state  # (I, W, D)
+    rows, cols = zip(*last)
+    probs = torch.softmax(model.lm_head(hidden[list(rows), list(cols)]).float(), -1)  # (Q, V), last tokens only
     scores = iter(_yes_no(probs, yes, no))
     return [[next(scores) for _ in qs] for qs in questions]
 
