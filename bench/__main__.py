@@ -1,6 +1,6 @@
-"""`python -m bench`: every CPU benchmark in turn, one JSON result line each (2-4 minutes on 2 cores).
+"""`python -m bench`: every CPU benchmark in turn, one JSON result line each (4-6 minutes on 2 cores).
 
-    python -m bench [--only sampler scoring training] [--threads 1] [--compile default]
+    python -m bench [--only text sampler scoring training] [--threads 1] [--compile default]
 
 One torch thread by default: on a shared 2-core machine two OpenMP threads stall whenever another process holds
 a core (single runs then take 2-5x longer), while one thread gives steady, comparable times.
@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from bench import sampler, scoring, training
+from bench import sampler, scoring, text, training
 
-BENCHMARKS = {"sampler": sampler.run, "scoring": scoring.run, "training": training.run}
+BENCHMARKS = {"text": text.run, "sampler": sampler.run, "scoring": scoring.run, "training": training.run}
 
 
 def main(argv=None) -> None:

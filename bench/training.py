@@ -24,6 +24,7 @@ from ospo_core.train.data import OSPOCollator, tokenize_prompts
 from ospo_core.train.loss import OSPOLossConfig, ospo_loss, weighted_mean_logps
 
 VARIANTS = ("three_separate_forwards", "one_concatenated_forward")
+UNCHUNKED = "one_concatenated_forward_unchunked_head"  # the head's log-softmax over all positions at once
 
 
 def lora_policy(bundle, gradient_checkpointing: bool = False):
@@ -57,7 +58,9 @@ def train_step(policy, batch: dict[str, torch.Tensor], variant: str) -> float:
     janus = policy.get_base_model()
     keys = ("prompt_ids", "prompt_mask", "image_tokens")
     # As OSPOTrainer.concatenated_forward: the LM runs through the wrapped model (`trunk`), the head on N positions.
-    if variant == "one_concatenated_forward":
+    if variant == UNCHUNKED:
+        per_token = image_token_logps(janus, *(batch[k] for k in keys), trunk=policy, head_chunk=None)  # (3B, N)
+    elif variant == "one_concatenated_forward":
         per_token = image_token_logps(janus, *(batch[k] for k in keys), trunk=policy)  # (3B, N)
     else:
         parts = zip(*(batch[k].chunk(3) for k in keys))  # chosen, rejected, swapped rows: (B, T), (B, T), (B, N)
@@ -88,7 +91,7 @@ def measure(bundle, size: str, pairs: int, repeats: int, gradient_checkpointing:
     print(f"training step: {size} ({params / 1e6:.0f}M params + LoRA), {pairs} pairs = {rows} "
           f"rows x {width + bundle.num_image_tokens} tokens, gradient checkpointing {gradient_checkpointing}",
           flush=True)
-    fns = {v: (lambda v=v: train_step(policy, batch, v)) for v in VARIANTS}
+    fns = {v: (lambda v=v: train_step(policy, batch, v)) for v in (*VARIANTS, UNCHUNKED)}
     times, losses, peaks = side_by_side(fns, repeats, bundle.device)
     return dict(
         name="training_step_concatenated_vs_separate",
@@ -102,6 +105,11 @@ def measure(bundle, size: str, pairs: int, repeats: int, gradient_checkpointing:
         memory_measure="growth of CUDA max_memory_allocated" if bundle.device.type == "cuda"
         else "growth of resident memory (VmHWM after malloc_trim)",
         same_loss=abs(losses[VARIANTS[0]] - losses[VARIANTS[1]]) <= 1e-3 * max(1.0, abs(losses[VARIANTS[0]])),
+        # the chunked head's log-softmax (ours) against the same forward with the whole (3B, N, V) head at once
+        unchunked_head=summary("one forward of 3B rows, head log-softmax unchunked", times[UNCHUNKED],
+                               peaks[UNCHUNKED], tokens_per_s=tokens),
+        ratio_vs_unchunked_head=round(min(w for w, _ in times[UNCHUNKED]) / min(w for w, _ in times[VARIANTS[1]]), 3),
+        chunked_head_same_loss=abs(losses[UNCHUNKED] - losses[VARIANTS[1]]) <= 1e-4 * max(1.0, abs(losses[UNCHUNKED])),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 
 from ospo_core.janus.chat import render_chat, understanding_chat
@@ -127,6 +128,36 @@ def _score_shared(bundle, images, questions, yes, no):
     return [[next(scores) for _ in qs] for qs in questions]
 
 
+# Positions per piece of the generation head's log-softmax: (2048, 16384) fp32 logits = 128 MiB at a time.
+HEAD_CHUNK = 2048
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  chunk: int | None = HEAD_CHUNK) -> torch.Tensor:
+    """log softmax(head(hidden))[targets], (B, N) fp32, computed `chunk` positions at a time.
+
+    The whole (B, N, V) fp32 logits, their log-softmax and both gradients (4 x 0.9 GiB for 24 rows x 576 tokens x
+    16,384 codes) are never held at once: each piece's logits give gather - logsumexp and are dropped; in training
+    each piece is recomputed in the backward pass (activation checkpointing of the head alone), so the head's
+    memory is one piece's whatever the batch. chunk=None: one piece (the plain log_softmax + gather).
+    """
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B*N, D), (B*N,)
+    if chunk is None or flat_t.numel() <= chunk:
+        return _piece_logprobs(head, flat_h, flat_t).view(targets.shape)
+    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    pieces = [
+        torch.utils.checkpoint.checkpoint(_piece_logprobs, head, h, t, use_reentrant=False) if grad
+        else _piece_logprobs(head, h, t)
+        for h, t in zip(flat_h.split(chunk), flat_t.split(chunk))
+    ]
+    return torch.cat(pieces).view(targets.shape)
+
+
+def _piece_logprobs(head, hidden, targets):
+    logits = head(hidden).float()  # (C, V) fp32
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # (C,)
+
+
 def image_token_logps(
     model,
     prompt_ids: torch.Tensor,  # (B, T) left-padded gen-prompt ids, ending in <begin_of_image>
@@ -134,6 +165,7 @@ def image_token_logps(
     image_tokens: torch.Tensor,  # (B, N)
     *,
     trunk: torch.nn.Module | None = None,
+    head_chunk: int | None = HEAD_CHUNK,
 ) -> torch.Tensor:
     """log p(y_t | x, y_<t) under the generation head for every image token, (B, N) fp32. Keeps the graph.
 
@@ -145,7 +177,7 @@ def image_token_logps(
     call into a submodule would train every process on its own gradients) and FSDP gathers its shards. The full
     model's forward gives the final-norm output of the language model as its last hidden state (transformers 5.24),
     the input of the generation head. Without `trunk` (scoring) the language model is called directly, which keeps
-    no per-layer hidden states.
+    no per-layer hidden states. `head_chunk`: see `head_logprobs`.
     """
     n = image_tokens.shape[1]
     text = model.get_input_embeddings()(prompt_ids)  # (B, T, D)
@@ -160,8 +192,7 @@ def image_token_logps(
         hidden = trunk(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
                        output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T+N, D), after the norm
     t = prompt_ids.shape[1]
-    logits = model.model.generation_head(hidden[:, t - 1 : t - 1 + n]).float()  # (B, N, V)
-    return torch.log_softmax(logits, -1).gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)
+    return head_logprobs(model.model.generation_head, hidden[:, t - 1 : t - 1 + n], image_tokens, head_chunk)
 
 
 def check_image_tokens(bundle: JanusBundle, image_tokens: torch.Tensor) -> torch.Tensor:
