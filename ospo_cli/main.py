@@ -121,11 +121,15 @@ def build_round_config(args: argparse.Namespace):
     """Preset, then --config file, then --model/--round, then each --set: validated once, at the end."""
     from ospo_core.config import PRESETS, RoundConfig, deep_update
 
-    preset = args.preset or ("demo" if args.model == "tiny" else "paper")
+    preset = args.preset or {"tiny": "demo", "testbed": "testbed-demo"}.get(args.model, "paper")
     document = copy.deepcopy(PRESETS[preset])  # --set edits it in place: the preset itself must stay as it is
     if args.config:
         document = deep_update(document, read_settings_file(Path(args.config)))
     document["model"] = args.model
+    if args.model == "testbed":  # the shipped start model of the shapes-world testbed
+        from ospo_core.testbed.pretrain import SHIPPED
+
+        document["model"] = str(SHIPPED)
     if args.round:
         document["round_id"] = args.round
     return validated(RoundConfig, document, args.set, "round", "train.max_steps=20"), preset
@@ -203,6 +207,12 @@ def _run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         manifest = ospo_round(config, home=str(home))
     print_summary(manifest, time.perf_counter() - t0)
+    if config.world == "shapes" and manifest.get("adapter"):
+        from ospo_core.testbed.evaluate import before_after, before_after_table
+
+        before, after = before_after(config.model, config.adapters, manifest["adapter"], config.render)
+        print(f"\nheld-out exact-scene accuracy (the shapes world's oracle; the round was judged by "
+              f"{config.vqa.judge}):\n{before_after_table(before, after)}")
     return 0
 
 
@@ -381,7 +391,8 @@ def build_testbed_config(args: argparse.Namespace):
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: need at least one seed")
     # A partial `round` changes the testbed preset (TestbedConfig merges it), so --set only names what it changes.
-    document = {"rounds": args.rounds, "seeds": list(range(args.seeds)), "round": {"vqa": {"judge": args.judge}}}
+    judges = {"oracle": ["oracle"], "self": ["self_grid"], "both": ["oracle", "self_grid"]}[args.judge]
+    document = {"rounds": args.rounds, "seeds": list(range(args.seeds)), "judges": judges}
     if args.settings:
         document["settings"] = args.settings.split(",")
     return validated(TestbedConfig, document, args.set, "testbed", "round.train.max_steps=20")
@@ -395,6 +406,15 @@ def _testbed(args: argparse.Namespace) -> int:
     config = build_testbed_config(args)
     # The testbed model's matrices are tiny: one thread per process beats two threads that wait on each other.
     torch.set_num_threads(args.threads)
+    if args.build_checkpoint:
+        from ospo_core.testbed.pretrain import pretrain
+
+        folder = Path(args.build_checkpoint)
+        if folder.exists() and any(folder.iterdir()):
+            raise UsageError(f"--build-checkpoint {folder}: the folder is not empty; pass a new or empty folder")
+        pretrain(config.pretrain, folder)
+        print(f"testbed start checkpoint written to {folder}")
+        return 0
     home = home_of(args)
     checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else None
     try:
@@ -410,12 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one full OSPO round in-process (no server needed) and print a summary")
-    run.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint folder")
+    run.add_argument("--model", default="tiny", help="'tiny', 'testbed' (the shipped shapes-world start model) or a "
+                     "local Janus checkpoint folder")
     run.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
     run.add_argument("--config", help="YAML/JSON file with round settings (see ospo_core/config.py RoundConfig)")
-    run.add_argument("--preset", choices=["demo", "paper", "testbed"],
-                     help="starting settings: demo (minutes on a CPU) is the default for --model tiny, else paper; "
-                          "testbed for a checkpoint made by `ospo testbed` (the shapes world)")
+    run.add_argument("--preset", choices=["demo", "paper", "testbed", "testbed-demo"],
+                     help="starting settings: demo (minutes on a CPU) is the default for --model tiny, testbed-demo "
+                          "(the model judges its own drawings) for --model testbed, else paper; testbed for a "
+                          "checkpoint made by `ospo testbed` (the shapes world)")
     run.add_argument("--round", help="round id; reuse one to resume a round (finished stages and shards are kept)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.max_steps=20 --set select.rule=v3")
@@ -468,13 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     testbed = sub.add_parser("testbed", help="the ablation table on the shapes-world testbed: pre-train a tiny model, "
                              "run OSPO rounds per training setting, print held-out exact-scene accuracy")
-    testbed.add_argument("--rounds", type=int, default=2, help="rounds per setting (default 2)")
+    testbed.add_argument("--rounds", type=int, default=4, help="rounds per setting (default 4)")
     testbed.add_argument("--seeds", type=int, default=3, help="repeats of the table, seeds 0..N-1 (default 3)")
     testbed.add_argument("--settings", help="comma-separated subset of sft,simpo,simpo+sft,ospo,ospo+objw,dpo")
-    testbed.add_argument("--judge", choices=["oracle", "self"], default="oracle",
-                         help="who answers the self-VQA questions: the exact oracle (default) or the model itself")
+    testbed.add_argument("--judge", choices=["oracle", "self", "both"], default="both",
+                         help="who answers the self-VQA questions: the exact oracle, the model itself (judging its "
+                              "own drawings), or both side by side (default)")
     testbed.add_argument("--checkpoint", help="pre-trained testbed checkpoint folder: reused when it was made with "
-                         "the same settings, created there otherwise (default: inside the run folder)")
+                         "the same settings, created there otherwise (default: the shipped start model when the "
+                         "pre-training settings are the defaults, else inside the run folder)")
+    testbed.add_argument("--build-checkpoint", metavar="DIR",
+                         help="only pre-train a start model into the new folder DIR (deterministic with --threads 1; "
+                              "the shipped one is `--build-checkpoint ospo_core/data/testbed`) and exit")
     testbed.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
     testbed.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     testbed.add_argument("--set", action="append", metavar="KEY=VALUE",

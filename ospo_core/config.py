@@ -489,6 +489,17 @@ class PretrainConfig(StageConfig):
                              "learns to count and relate objects in fewer steps, but every step, round and sample "
                              "costs more.")
     num_layers: int = Field(4, ge=1, le=64, description="Layers of the language model (see hidden_size).")
+    judge_steps: int = Field(1500, ge=0, le=100_000, description="Steps of the judge phase after the drawing phases: "
+                             "yes/no questions about scenes, oracle-labelled, so the model can judge its own images "
+                             "(VQAConfig.judge = self_grid). 0 = a model that only draws (its answers are noise).")
+    judge_batch_size: int = Field(64, ge=1, le=4096, description="Questions per judge step, half answered yes.")
+    judge_learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW peak rate of the judge phase, "
+                                       "cosine-decayed to a tenth.")
+    judge_draw_weight: float = Field(1.0, ge=0, le=100, description="Weight of the noisy phase's drawing loss kept "
+                                     "during the judge phase: the language model is shared, and learning to answer "
+                                     "alone would move its drawing. 0 = answer loss only.")
+    judge_draw_batch_size: int = Field(32, ge=1, le=4096, description="Captions per judge step for that drawing "
+                                       "loss.")
 
 
 # The ablation's training settings, each a TrainConfig override of the testbed round (same steps, data and seeds).
@@ -506,12 +517,16 @@ class TestbedConfig(StageConfig):
     """`ospo testbed`: the ablation table on the shapes world. Every setting starts from the same pre-trained
     checkpoint, sees the same round-1 data and trains the same number of steps; rounds chain per setting."""
 
-    rounds: int = Field(2, ge=1, le=20, description="Rounds per setting; round n+1 draws its data with the model "
+    rounds: int = Field(4, ge=1, le=20, description="Rounds per setting; round n+1 draws its data with the model "
                         "of round n. More rounds = more self-improvement, proportionally more time.")
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="Repeats of the whole table; each seed changes the "
                              "rounds' prompts, images, training order and evaluation noise (not the checkpoint).")
-    settings: list[str] = Field(list(TESTBED_SETTINGS), min_length=1, description="Which training settings to "
-                                f"compare, from {list(TESTBED_SETTINGS)}.")
+    settings: list[str] = Field(["sft", "ospo", "ospo+objw", "dpo"], min_length=1, description="Which training "
+                                f"settings to compare, from {list(TESTBED_SETTINGS)}.")
+    judges: list[Literal["oracle", "self_grid"]] = Field(
+        ["oracle", "self_grid"], min_length=1, description="Who answers the rounds' questions, each a column of the "
+        "table: oracle (exact) or self_grid (the model judging its own drawings, ospo_core.testbed.judge). Replaces "
+        "round.vqa.judge.")
     eval_samples: int = Field(64, ge=1, le=10_000, description="Scenes drawn per category at each evaluation, over "
                               "the held-out captions. More = a steadier metric (standard error ~ 0.5/sqrt(n)).")
     workers: int = Field(2, ge=1, le=64, description="Seeds run side by side in this many processes (one per core "

@@ -1,27 +1,30 @@
-"""The ablation table on the shapes world: which parts of OSPO make the drawing better?
+"""The ablation table on the shapes world: which parts of OSPO make the drawing better, and can the model judge?
 
-Every setting (`config.TESTBED_SETTINGS`: SFT only, SimPO only, SimPO + SFT, the v2 default, v2 with object
-weighting, DPO with a reference) starts from the same pre-trained checkpoint and runs `rounds` OSPO rounds with the
-testbed round config: the world writes prompts, negatives and questions, the model draws, the oracle judges, the
-v2 rule selects pairs with the model's own likelihoods, and `train_ospo` trains a LoRA adapter, which is merged
-before the next round draws its data. Within a seed, every setting sees the same round-1 data (drawn once by the
-start model), the same round seeds and the same number of training steps; only the training objective differs.
-After each round the model is evaluated on the held-out captions (`testbed.evaluate`), with the same noise for
-every setting. The whole table is repeated per seed.
+Every setting (`TestbedConfig.settings`, from `config.TESTBED_SETTINGS`: SFT only, SimPO only, SimPO + SFT, the v2
+default, v2 with object weighting, DPO with a reference) starts from the same pre-trained checkpoint and runs
+`rounds` OSPO rounds with the testbed round config: the world writes prompts, negatives and questions, the model
+draws, the judge answers (`TestbedConfig.judges`: the exact oracle, or `self_grid`, the model itself looking at its
+PNGs), the v2 rule selects pairs with the model's own likelihoods, and `train_ospo` trains a LoRA adapter, which is
+merged before the next round draws its data. Within a seed and judge, every setting sees the same round-1 data
+(drawn and judged once by the start model), the same round seeds and the same number of training steps; only the
+training objective differs. After each round the model is evaluated on the held-out captions (`testbed.evaluate`),
+with the same noise for every setting, and its own judge on the same 512 balanced held-out questions; a
+self-judged round also records how often its answers matched the oracle's on the images it chose pairs from.
 
 A round here calls the stage functions directly, in the order of `flows/round.py` (which runs the same functions as
 Prefect tasks, with caching and artifacts): Prefect's per-task overhead would dominate rounds that take seconds.
 `tests/test_testbed.py` runs a testbed round through the flow too.
 
-Layout of the run folder: `seed-<s>/start/testbed_eval`, `seed-<s>/round-1-data/<table>` (shared by the settings),
-`seed-<s>/<setting>/round-<r>/<table>` (round data from round 2 on, `masks`, `train/adapter`, `testbed_eval`), and
-`results.json` (one row per seed, setting, round and category).
+Layout of the run folder, per seed and judge (`seed-<s>/<judge>/`): `start/testbed_eval`, `round-1-data/<table>`
+(shared by the settings), `<setting>/round-<r>/<table>` (round data from round 2 on, `masks`, `train/adapter`,
+`testbed_eval`); and `results.json` (one row per seed, judge, setting, round and category).
 """
 
 from __future__ import annotations
 
 import copy
 import multiprocessing
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -44,11 +47,13 @@ from ospo_core.stages.render import render
 from ospo_core.stages.select import select
 from ospo_core.stages.vqa import self_vqa
 from ospo_core.testbed.evaluate import evaluate_scenes, summarize
+from ospo_core.testbed.judge import agreement, question_batch
+from ospo_core.testbed.oracle import answers
 from ospo_core.testbed.model import check_testbed_model
-from ospo_core.testbed.pretrain import ensure_checkpoint
+from ospo_core.testbed.pretrain import ensure_checkpoint, shipped_checkpoint
 from ospo_core.testbed.render import scene_sheet
 from ospo_core.testbed.report import results_plot, results_table
-from ospo_core.testbed.world import CATEGORIES
+from ospo_core.testbed.world import CATEGORIES, WORLD
 from ospo_core.train.trainer import train_ospo
 
 def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
@@ -65,12 +70,15 @@ def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
             "vqa": vqa, "pairs": pairs}
 
 
-def round_config(cfg: TestbedConfig, checkpoint: Path, seed: int, round_n: int, setting: str) -> RoundConfig:
+def round_config(cfg: TestbedConfig, checkpoint: Path, seed: int, round_n: int, setting: str,
+                 judge: str | None = None) -> RoundConfig:
     """The testbed round of (seed, round) for a setting: its own prompt, render and training seeds, the setting's
-    training objective. Seeds do not depend on the setting, so round data differs between settings only through
-    the model that draws it."""
+    training objective, and the judge (default: the round config's). Seeds do not depend on the setting or the
+    judge, so round data differs between them only through the model that draws it and who judges it."""
     document = cfg.round.model_dump()
     document["model"] = str(checkpoint)
+    if judge is not None:
+        document["vqa"]["judge"] = judge
     document["prompts"]["seed"] = row_seed(seed, "prompts", round_n)
     document["render"]["seed"] = row_seed(seed, "render", round_n)
     document["train"] |= {"seed": seed, **TESTBED_SETTINGS[setting]}
@@ -84,34 +92,55 @@ def _write(tables: dict[str, pa.Table | None], folder: Path) -> None:
 
 
 def _evaluate(cfg: TestbedConfig, bundle: JanusBundle, seed: int, folder: Path) -> dict[str, dict[str, float]]:
-    """Held-out metrics of a model (its scenes written to folder/testbed_eval), sampled as the rounds render."""
+    """Held-out metrics of a model (its scenes written to folder/testbed_eval), sampled as the rounds render, and
+    its judge's agreement with the oracle on the same balanced held-out questions for every model of a seed."""
     table = evaluate_scenes(bundle, cfg.round.render, samples=cfg.eval_samples, seed=seed)
     _write({"testbed_eval": table}, folder)
-    return summarize(table)
+    summary = summarize(table)
+    summary["all"]["judge_agreement"] = agreement(bundle, question_batch(WORLD, random.Random(seed), 512,
+                                                                         heldout=True))
+    return summary
+
+
+def round_agreement(data: dict[str, pa.Table]) -> float | None:
+    """Fraction of the round's self-VQA answers (p_yes > p_no) that the oracle gives on the same drawn grid: how
+    well the judge that chose the pairs judged the images it chose them from."""
+    grids = {(r["item_id"], r["side"], r["k"]): r["image_tokens"]
+             for r in data["images"].select(["item_id", "side", "k", "image_tokens"]).to_pylist()}
+    rows = ok_rows(data["vqa"]).select(["item_id", "side", "k", "question", "p_yes", "p_no"]).to_pylist()
+    if not rows:
+        return None
+    right = sum(answers(grids[(r["item_id"], r["side"], r["k"])], [r["question"]])[0] is (r["p_yes"] > r["p_no"])
+                for r in rows)
+    return right / len(rows)
 
 
 def _rows(summary: dict, log, **keys) -> list[dict]:
     log(f"{keys}: exact {summary['all']['exact']:.3f}, recall {summary['all']['recall']:.3f}, "
-        f"hallucination {summary['all']['hallucination']:.3f}")
+        f"hallucination {summary['all']['hallucination']:.3f}, judge agreement "
+        f"{summary['all']['judge_agreement']:.3f}")
     return [{**keys, "category": category, **metrics} for category, metrics in summary.items()]
 
 
-def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log=print) -> list[dict]:
-    """Every setting's rounds for one seed; result rows for round 0 (the start, under every setting) to `rounds`."""
+def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, judge: str, log=print) -> list[dict]:
+    """Every setting's rounds for one seed and judge; result rows for round 0 (the start, under every setting) to
+    `rounds`."""
     start = load_janus(checkpoint)
     check_testbed_model(start)
-    summary = _evaluate(cfg, start, seed, run_dir / f"seed-{seed}" / "start")
+    top = run_dir / f"seed-{seed}" / judge
+    summary = _evaluate(cfg, start, seed, top / "start")
     rows = []
     for setting in cfg.settings:
-        rows += _rows(summary, log, seed=seed, setting=setting, round=0, pairs=None, train_seconds=None)
-    # Round-1 data depends on the start model and the seeds only: draw it once for every setting.
-    shared = round_data(round_config(cfg, checkpoint, seed, 1, cfg.settings[0]), start)
-    _write(shared, run_dir / f"seed-{seed}" / "round-1-data")
+        rows += _rows(summary, log, seed=seed, judge=judge, setting=setting, round=0, pairs=None,
+                      round_agreement=None, train_seconds=None)
+    # Round-1 data depends on the start model, the judge and the seeds only: draw it once for every setting.
+    shared = round_data(round_config(cfg, checkpoint, seed, 1, cfg.settings[0], judge), start)
+    _write(shared, top / "round-1-data")
     for setting in cfg.settings:
         bundle = start
         for round_n in range(1, cfg.rounds + 1):
-            config = round_config(cfg, checkpoint, seed, round_n, setting)
-            folder = run_dir / f"seed-{seed}" / setting / f"round-{round_n}"
+            config = round_config(cfg, checkpoint, seed, round_n, setting, judge)
+            folder = top / setting / f"round-{round_n}"
             data = shared if round_n == 1 else round_data(config, bundle)
             if round_n > 1:
                 _write(data, folder)
@@ -130,19 +159,20 @@ def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, log
                 seconds = time.perf_counter() - started
                 _write({"masks": masks, "train_history": result.history}, folder)
                 bundle = apply_adapter(copy.deepcopy(bundle), result.adapter_dir)
-            rows += _rows(_evaluate(cfg, bundle, seed, folder), log, seed=seed, setting=setting, round=round_n,
-                          pairs=pairs, train_seconds=seconds)
+            rows += _rows(_evaluate(cfg, bundle, seed, folder), log, seed=seed, judge=judge, setting=setting,
+                          round=round_n, pairs=pairs, round_agreement=round_agreement(data), train_seconds=seconds)
     return rows
 
 
 def run_ablation(cfg: TestbedConfig, checkpoint: str | Path, run_dir: str | Path, log=print) -> list[dict]:
-    """Run the table; returns (and writes to run_dir/results.json) one row per seed, setting, round and category.
+    """Run the table; returns (and writes to run_dir/results.json) one row per seed, judge, setting, round and
+    category.
 
-    Seeds are independent, so `cfg.workers` processes run them side by side (each with this process's torch thread
-    count); the rows do not depend on how many.
+    Seeds and judges are independent, so `cfg.workers` processes run them side by side (each with this process's
+    torch thread count); the rows do not depend on how many.
     """
     checkpoint, run_dir = Path(checkpoint), Path(run_dir)
-    jobs = [(cfg, checkpoint, run_dir, seed) for seed in cfg.seeds]
+    jobs = [(cfg, checkpoint, run_dir, seed, judge) for seed in cfg.seeds for judge in cfg.judges]
     workers = min(cfg.workers, len(jobs))
     if workers > 1:
         import torch
@@ -169,8 +199,9 @@ def _read(folder: Path, name: str) -> pa.Table:
 
 
 def sample_sheet(run_dir: Path, cfg: TestbedConfig, per_category: int = 2) -> Image.Image:
-    """Held-out captions of the first seed: the start model's scene, then each setting's after the last round."""
-    seed = run_dir / f"seed-{cfg.seeds[0]}"
+    """Held-out captions of the first seed and judge: the start model's scene, then each setting's after the last
+    round."""
+    seed = run_dir / f"seed-{cfg.seeds[0]}" / cfg.judges[0]
     folders = [("start", seed / "start")] + [(s, seed / s / f"round-{cfg.rounds}") for s in cfg.settings]
     tables = [(label, _read(folder, "testbed_eval").to_pylist()) for label, folder in folders]
     rows = []
@@ -191,7 +222,9 @@ def run_testbed(cfg: TestbedConfig, home: Path, checkpoint: Path | None = None, 
     run_dir.mkdir(parents=True, exist_ok=False)
     store.write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
     started = time.perf_counter()
-    checkpoint = ensure_checkpoint(cfg.pretrain, checkpoint or run_dir / "checkpoint", log=log)
+    # The shipped start model when the pre-training settings are its own, so no machine pre-trains by default.
+    checkpoint = checkpoint or shipped_checkpoint(cfg.pretrain) or run_dir / "checkpoint"
+    checkpoint = ensure_checkpoint(cfg.pretrain, checkpoint, log=log)
     rows = run_ablation(cfg, checkpoint, run_dir, log)
     table = results_table(rows) + f"\n\nCheckpoint: {checkpoint}. Wall time: {time.perf_counter() - started:.0f}s."
     (run_dir / "results.md").write_text(table + "\n")

@@ -81,3 +81,23 @@ def summarize(table: pa.Table) -> dict[str, dict[str, float]]:
             "samples": len(part),
         }
     return out
+
+
+def before_after(model: str, adapters: list[str], adapter: str, render: RenderConfig, *, samples: int = 64,
+                 seed: int = 0) -> tuple[dict, dict]:
+    """Held-out summaries (`summarize`) of a round's start model (`model` + `adapters`) and of its trained model
+    (the same + `adapter`), drawn with the same noise: what one round did to the drawing."""
+    from ospo_core.janus.load import load_janus
+
+    start = load_janus(model, adapters=adapters)
+    trained = load_janus(model, adapters=[*adapters, adapter])
+    return tuple(summarize(evaluate_scenes(b, render, samples=samples, seed=seed)) for b in (start, trained))
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    """Plain-text lines: exact-scene accuracy per category before and after, and the hallucination rate."""
+    lines = [f"{'held-out':<12}{'before':>8}{'after':>8}"]
+    for category in [*CATEGORIES, "all"]:
+        lines.append(f"{category:<12}{before[category]['exact']:>8.3f}{after[category]['exact']:>8.3f}")
+    lines.append(f"{'halluc.':<12}{before['all']['hallucination']:>8.3f}{after['all']['hallucination']:>8.3f}")
+    return "\n".join(lines)

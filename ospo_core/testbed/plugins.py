@@ -1,16 +1,17 @@
 """The shapes world as plug-ins of a round (`RoundConfig.world = "shapes"`, `VQAConfig.judge = "oracle"`).
 
 The world writes the text stages exactly from each caption's structure (`text.py`), the oracle reads the drawn token
-grid and answers exactly (`oracle.py`), and the grid painter draws the tokens (`render.py`): the model only draws
-and trains, so a round measures what preference optimisation does to its drawing. They take the model loader the
-round hands every plug-in and never call it.
+grid and answers exactly (`oracle.py`), and the grid painter draws the tokens (`render.py`): with the oracle the
+model only draws and trains, so a round measures what preference optimisation does to its drawing. These take the
+model loader the round hands every plug-in and never call it. `GridSelfJudge` (`VQAConfig.judge = "self_grid"`) is
+the model judging its own PNGs instead (`judge.py`), as OSPO's self-VQA does.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from ospo_core.testbed import oracle, render, text, world
+from ospo_core.testbed import judge, oracle, render, text, world
 
 
 class WorldWriter:
@@ -46,6 +47,34 @@ class OracleJudge:
 
     def answer(self, rows, questions, batch_size):
         return [oracle.oracle_scores(row["image_tokens"], qs) for row, qs in zip(rows, questions)]
+
+
+class GridSelfJudge:
+    """The testbed model answers from the decoded PNG: each cell re-encoded to its code, read by the model's own
+    language model (`judge.py`). A PNG that does not decode, or is not a grid drawing, gets None."""
+
+    name = "self_grid"
+    code = (judge, render, world)
+    columns = ()
+    unknown_reason = "unreadable_question"  # never used: the model answers any question
+
+    def __init__(self, model):
+        self.model = model
+
+    def answer(self, rows, questions, batch_size):
+        from ospo_core.records import decode_image
+
+        images = [decode_image(row["image"]) for row in rows]
+        grids = [None if image is None else judge.encode_png(image) for image in images]
+        readable = [i for i, grid in enumerate(grids) if grid is not None]
+        # batch_size counts images (VQAConfig); a batch of the model holds their questions.
+        per_batch = batch_size * max(1, max((len(qs) for qs in questions), default=1))
+        scores = judge.grid_yes_no(self.model(), [grids[i] for i in readable], [questions[i] for i in readable],
+                                   batch_size=per_batch)
+        out = [None] * len(rows)
+        for i, s in zip(readable, scores):
+            out[i] = s
+        return out
 
 
 class GridDecoder:
