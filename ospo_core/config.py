@@ -21,7 +21,25 @@ class StageConfig(BaseModel):
     """Base for all configs: unknown keys are errors (a typo must not silently fall back to a default), and no float
     field accepts inf or NaN (they pass every range check below and fail deep inside a stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              json_schema_extra=lambda schema, cls: _ranges_in_descriptions(schema))
+
+
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+
+
+def _ranges_in_descriptions(schema: dict) -> None:
+    """Each property's range, appended to its description: the Prefect run form shows descriptions, not bounds."""
+    for prop in schema.get("properties", {}).values():
+        # an optional field keeps its bounds in the non-null branch of anyOf
+        bounded = [prop, *prop.get("anyOf", []), prop.get("additionalProperties") or {}]
+        bounds = [f"{sign} {_number(b[key])}" for b in bounded if isinstance(b, dict) for key, sign in _BOUNDS if key in b]
+        if bounds and "description" in prop and "Range:" not in prop["description"]:
+            prop["description"] += f" Range: {', '.join(bounds)}."
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
 Fallback = Literal["none", "structured"]
@@ -56,6 +74,13 @@ class SelectConfig(StageConfig):
         description="v3: a chosen image needs a local score (mean p_yes - p_no) of at least this. Higher = more "
         "faithful chosen images but fewer pairs.",
     )
+    token_source: Literal["reencode", "sampled"] = Field(
+        "reencode",
+        description="Which image tokens the round scores (v2's log-likelihoods), masks and trains on; the pairs table "
+        "carries them, so selection, masks and training always use the same ones. reencode (the paper, the authors' "
+        "code): the saved PNG re-encoded by the VQ encoder. sampled: the ids the sampler drew (on-policy, exact, no "
+        "encoder pass; needed where the PNG is not a VQ image, like the shapes-world testbed).",
+    )
 
 
 class OSPOLossConfig(StageConfig):
@@ -81,6 +106,11 @@ class OSPOLossConfig(StageConfig):
         0.5, ge=0, description="gamma2/beta2: target margin between the chosen image under its prompt and under the "
         "rejected prompt."
     )
+    dpo_beta: float = Field(
+        57.6, gt=0, description="beta of the dpo option, on the length-normalised log-ratio (mean over the 576 image "
+        "tokens): 57.6 = DPO's usual 0.1 on the summed log-ratio x 576. simpo_beta (3) there would be 0.005 per "
+        "summed sequence: almost no signal."
+    )
     simpo_weight: float = Field(0.8, ge=0, description="Weight of the SimPO (or DPO) pair term; 0 disables it.")
     copo_weight: float = Field(0.5, ge=0, description="Weight of the conditional preference term; 0 disables it (v3).")
     sft_weight: float = Field(1.5, ge=0, description="Weight of the chosen-image NLL; keeps the model on its own "
@@ -95,15 +125,11 @@ class TrainConfig(OSPOLossConfig):
 
     object_weighting: bool = Field(
         False, description="v3 option: weight image tokens inside the object mask (from the masks stage) by "
-        "1 + mask_alpha * M' in the pair terms. Needs the masks table."
+        "1 + mask_alpha * M' in the pair terms. Needs the masks table; a pair without both masks is skipped (spec) "
+        "and counted in the training history (pairs/skipped_no_mask)."
     )
     mask_alpha: float = Field(1.0, ge=0, description="Extra weight on object tokens when object_weighting is on.")
     mask_gamma: float = Field(1.0, gt=0, description="Power applied to the blurred mask; > 1 sharpens it.")
-    token_source: Literal["sampled", "reencode"] = Field(
-        "sampled",
-        description="sampled: train on the image-token ids the sampler drew (exact, on-policy). reencode: re-encode "
-        "the PNG with the VQ encoder, as the authors do (slower; tokens drift from what was sampled).",
-    )
     lora_r: int = Field(32, ge=1, le=1024, description="LoRA rank. Higher = more capacity and memory.")
     lora_alpha: int = Field(64, ge=1, le=65536, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -116,10 +142,17 @@ class TrainConfig(OSPOLossConfig):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (cosine).")
     min_lr: float = Field(1e-6, ge=0, description="Final learning rate of the cosine schedule.")
     max_steps: int = Field(500, ge=1, le=MAX_STEPS, description="Optimizer steps. Paper: 500 steps of 128 pairs.")
+    pairs_per_step: int = Field(128, ge=1, le=1_000_000, description="Pairs per optimizer step over all processes "
+                                "(paper: 8 per GPU x 4 GPUs x 4 accumulation = 128); gradient accumulation is derived "
+                                "from it, so the step is the same on 1 GPU or 16. Larger = smoother, fewer steps per "
+                                "epoch.")
     batch_size: int = Field(8, ge=1, le=4096, description="Pairs per device per micro-batch (each pair = 3 "
                             "sequences). A CUDA out-of-memory error shrinks it and raises gradient accumulation to "
                             "match.")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, le=4096, description="Micro-batches per optimizer step. None (default) = derived: pairs_per_step "
+        "/ (batch_size x processes). A number overrides it, and the step then holds batch_size x this x processes "
+        "pairs.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: ~30% slower, far less memory."
@@ -130,6 +163,24 @@ class TrainConfig(OSPOLossConfig):
     save_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Checkpoint every N optimizer steps (resume point).")
     logging_steps: int = Field(5, ge=1, le=MAX_STEPS, description="Log metrics every N optimizer steps.")
     seed: Seed = Field(42, description="Seed for LoRA init and data order.")
+    validation_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the round's pairs held out (by a stable hash of item_id) and "
+        "validated on every eval_steps steps: loss terms, margins, accuracies (eval_* in the history). 0 = no "
+        "validation, every pair trains. At least one pair is held out when > 0 and the round has 2 or more.")
+    eval_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Validate every N optimizer steps (authors: 50).")
+
+    def accumulation(self, num_processes: int = 1) -> int:
+        """Micro-batches per optimizer step on `num_processes` processes: the explicit value, or pairs_per_step /
+        (batch_size x num_processes), which must divide exactly."""
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        per_micro_step = self.batch_size * num_processes
+        if self.pairs_per_step % per_micro_step:
+            raise ValueError(
+                f"train.pairs_per_step {self.pairs_per_step} is not a multiple of batch_size {self.batch_size} x "
+                f"{num_processes} process(es); choose a batch_size (or process count) that divides it, or set "
+                f"train.gradient_accumulation_steps")
+        return self.pairs_per_step // per_micro_step
 
 
 # The twelve prompt-generation runs of stage 1, in the fixed order that numbers item ids, with the spec's quotas
@@ -156,13 +207,17 @@ MaxNewTokens = Annotated[int, Field(ge=1, le=4096, description="Token budget per
                                     "spec's). Too low cuts an answer before its end (a final marker, a question "
                                     "list); lower saves time on rambling samples.")]
 
+# A batch size, or "auto": by free device memory on a GPU, small on a CPU (ospo_core.janus.memory).
+BatchSize = Annotated[int, Field(ge=1, le=4096)] | Literal["auto"]
+
 
 class _TextSamplingConfig(StageConfig):
     """What the text stages (1, 2a, 2b, 3a) share: batching, sampling and the structured fallback switch. The
     sampling defaults are stage 1's; the other stages override them with their own spec values."""
 
-    batch_size: int = Field(16, ge=1, le=4096, description="Chats per forward batch. Larger = faster until memory "
-                            "runs out; results do not depend on it.")
+    batch_size: BatchSize = Field("auto", description="Chats decoded together (continuous batching: a finished "
+                                  "chat's row takes the next one). auto: by free memory on a GPU (up to 256), 16 on "
+                                  "a CPU. Larger = faster until memory runs out; results do not depend on it.")
     fallback: Fallback = Field(
         "none",
         description="none (paper-faithful): what the model fails to write stays missing: a failed row keeps ok=False "
@@ -189,6 +244,9 @@ class PromptsConfig(_TextSamplingConfig):
         description="Accepted prompts wanted per sub-category (spec: 667 per attribute, 1000 per layout, 4000 "
         "non-spatial, 4000 complex). A partial mapping overrides only the keys it names; to skip a run, leave it "
         "out of sub_categories. More prompts = more training pairs, proportionally more generation time.",
+        # one integer field per sub-category in the run form (a plain mapping would be one JSON text box there)
+        json_schema_extra={"properties": {key: {"type": "integer", "minimum": 1, "maximum": MAX_STEPS, "title": key}
+                                          for key in SPEC_QUOTAS}},
     )
     max_len: int | None = Field(
         None,
@@ -275,9 +333,10 @@ class ImageSamplingConfig(StageConfig):
     seed: Seed = Field(0, description="Base seed; image k of an item (or of a held-out prompt) is drawn with a seed "
                        "derived from (seed, its id, k): a pair's base and negative sides share their noise, and two "
                        "models are evaluated on the same noise, so they differ only by the prompt or the model.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per sampler batch (each is 2 rows for guidance; "
-                            "an evaluation also judges this many images per self-VQA batch). Larger = faster on a GPU "
-                            "until memory runs out; a CUDA out-of-memory halves it and goes on.")
+    batch_size: BatchSize = Field("auto", description="Prompts per sampler batch (each is 2 rows for guidance; an "
+                                  "evaluation also judges this many images per self-VQA batch). auto: by free memory "
+                                  "on a GPU (up to 256; CUDA graphs near the bandwidth bound from 64), 16 on a CPU. "
+                                  "Larger = faster on a GPU until memory runs out; a CUDA out-of-memory halves it.")
     compile_mode: CompileMode = Field(
         "auto",
         description="torch.compile mode of the sampler's per-token step. auto: CUDA graphs (reduce-overhead) on a "
@@ -290,16 +349,31 @@ class RenderConfig(ImageSamplingConfig):
     """Stage 2c: images for the base and negative dense prompts (one image per side and perturbation index)."""
 
 
+# The judges (ospo_core.plugins.JUDGES) a stage or an evaluation may choose, and where a judge's weights live.
+_JUDGES_TEXT = (
+    "self: the model being trained or evaluated answers from the PNG (the paper). fixed: a frozen Janus that does not "
+    "change during the round (the round's start model, or judge_model). geneval: GenEval's rules over an object "
+    "detector and CLIP (judge_model holds detector/ and clip/). vqa: a VQA model such as BLIP-VQA, as T2I-CompBench "
+    "scores attribute binding, plus CLIPScore for non-spatial prompts (judge_model holds vqa/ and clip/).")
+JudgeModel = Annotated[str | None, Field(description="Local folder of the judge's weights (nothing is downloaded): "
+                                         "fixed: a Janus checkpoint folder or 'tiny' (default: the round's start "
+                                         "model); geneval: a folder with detector/ and clip/; vqa: a folder with vqa/ "
+                                         "and clip/ (transformers format). Unused by self and oracle.")]
+
+
 class VQAConfig(StageConfig):
     """Stage 3b: the model answers its own decompositional questions on every image (yes/no probabilities)."""
 
-    batch_size: int = Field(8, ge=1, le=1024, description="Images per scoring batch; each image's prefix is "
-                            "computed once and shared by its questions.")
-    judge: Literal["self", "oracle"] = Field(
+    batch_size: BatchSize = Field("auto", description="Images per scoring batch; each image's prefix is computed "
+                                  "once and its questions are packed behind it. auto: by free memory on a GPU, 16 on "
+                                  "a CPU.")
+    judge: Literal["self", "fixed", "geneval", "vqa", "oracle", "self_grid"] = Field(
         "self",
-        description="self (the paper): the model answers from the PNG. oracle: the shapes-world testbed reads the "
-        "image tokens and answers exactly (p = 1/0); only for testbed checkpoints, whose image tokens are scene cells.",
+        description=_JUDGES_TEXT + " oracle: the shapes-world testbed reads the image tokens and answers exactly "
+        "(p = 1/0); self_grid: the testbed model answers from its PNG re-encoded to scene cells (ospo_core.testbed.judge). Both only for testbed checkpoints, whose image tokens are scene cells. Within a round the model does "
+        "not change before training, so self and fixed (start model) answer alike here.",
     )
+    judge_model: JudgeModel = None
 
 
 class MasksConfig(StageConfig):
@@ -377,13 +451,74 @@ TESTBED_OVERRIDES: dict = {
     "prompts": {"sub_categories": list(TESTBED_SUB_CATEGORIES),
                 "quotas": {"color1": 9, "color2": 50, "2D_spatial": 96, "numeracy1": 27, "numeracy2": 96,
                            "complex": 96}},
-    "vqa": {"judge": "oracle"},
+    "vqa": {"judge": "oracle", "batch_size": 64},
+    "select": {"token_source": "sampled"},  # the tokens are scene cells; the PNG is a drawing of them, not a VQ image
     "render": {"cfg_weight": 1.0, "batch_size": 64},
     "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-4,
               "lora_r": 16, "lora_alpha": 32, "save_steps": 80, "logging_steps": 10, "gradient_checkpointing": False},
     "shard_rows": 4096,
 }
-PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES}
+# The authors' 2026 (v3) settings (spec section 6): same-index pairs with a chosen score >= 0.6, object-weighted
+# SimPO (beta 5, r 0.5) + 2 x SFT without the conditional term, LoRA 64/128, 256 pairs per step, cosine from 1e-5 to
+# 1e-7 with 5% warmup, 1000 steps, negatives and dense rewrites sampled at temperature 1.0.
+V3_OVERRIDES: dict = {
+    "perturb": {"temperature": 1.0, "top_p": 0.9},
+    "densify": {"temperature": 1.0, "top_p": 0.9},
+    "select": {"rule": "v3", "min_chosen_score": 0.6},
+    "train": {"object_weighting": True, "mask_alpha": 1.0, "mask_gamma": 1.0, "simpo_beta": 5.0,
+              "simpo_gamma_ratio": 0.5, "simpo_weight": 1.0, "copo_weight": 0.0, "sft_weight": 2.0, "lora_r": 64,
+              "lora_alpha": 128, "pairs_per_step": 256, "batch_size": 16, "learning_rate": 1e-5,
+              "lr_scheduler": "cosine", "warmup_ratio": 0.05, "min_lr": 1e-7, "max_steps": 1000, "save_steps": 100},
+}
+# `make run`: one testbed round on the shipped start model (`ospo run --model testbed`), the model judging its own
+# drawings (ospo_core.testbed.judge); the command prints held-out accuracy before and after.
+TESTBED_DEMO_OVERRIDES: dict = {**TESTBED_OVERRIDES, "vqa": {"judge": "self_grid", "batch_size": 64}}
+PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES, "v3": V3_OVERRIDES,
+                            "testbed-demo": TESTBED_DEMO_OVERRIDES}
+
+
+def _leaves(document: dict, prefix: str = "") -> dict[str, object]:
+    """{"train.max_steps": 8, ...}: every value of a nested document by its dotted path (a dict of quotas too)."""
+    out = {}
+    for key, value in document.items():
+        if isinstance(value, dict) and value:
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preset_config(preset: str) -> "RoundConfig":
+    return RoundConfig.model_validate(PRESETS[preset])
+
+
+def apply_preset(config: "RoundConfig", preset: str, form: str = "demo") -> "RoundConfig":
+    """The run form's meaning: `config` starts as preset `form`; every field left at that preset's value takes the
+    value of `preset` instead, every field changed keeps its new value. `apply_preset(c, form)` is `c` itself."""
+    if preset == form:
+        return config
+    base = _leaves(preset_config(form).model_dump(mode="json"))
+    document = preset_config(preset).model_dump(mode="json")
+    for path, value in _leaves(config.model_dump(mode="json")).items():
+        if base.get(path, object()) != value:
+            node = document
+            *parents, last = path.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = value
+    return RoundConfig.model_validate(document)
+
+
+def nearest_preset(config: "RoundConfig") -> tuple[str, list[str]]:
+    """(the preset with the fewest differing fields, those fields' dotted paths), `round_id` and `model` aside."""
+    mine = _leaves(config.model_dump(mode="json", exclude={"round_id", "model", "adapters"}))
+    best = None
+    for name in PRESETS:
+        theirs = _leaves(preset_config(name).model_dump(mode="json", exclude={"round_id", "model", "adapters"}))
+        changed = sorted(p for p in mine.keys() | theirs.keys() if mine.get(p) != theirs.get(p))
+        if best is None or len(changed) < len(best[1]):
+            best = (name, changed)
+    return best
 
 
 def deep_update(base: dict, overrides: dict) -> dict:
@@ -426,6 +561,13 @@ class EvalConfig(ImageSamplingConfig):
     )
     shard_rows: int = Field(64, ge=1, le=100_000, description="Prompts per Parquet shard of the eval table: the "
                             "unit of resume after a crash.")
+    judge: Literal["self", "fixed", "geneval", "vqa"] = Field(
+        "fixed",
+        description=_JUDGES_TEXT + " Default fixed: a round's start model judges both its own and the trained "
+        "model's images, so a round cannot raise its score by teaching the model to say yes; a model outside the "
+        "rounds is its own fixed judge.",
+    )
+    judge_model: JudgeModel = None
 
 
 class GateConfig(StageConfig):
@@ -460,8 +602,19 @@ class SelfImproveConfig(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation of each round: its start "
                              "model and its trained model on the same prompts, seeds and questions.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a round is promoted; a round that is not "
-                             "is kept (folder, adapter, registry entry) and the next round starts from the last "
-                             "promoted model.")
+                             "is kept (folder, adapter, registry entry). The gate decides on eval.judge (default "
+                             "fixed: the start model judges both models' images); the trained model's self-judged "
+                             "numbers are shown beside it and their difference reported as judge drift.")
+    lineage: Literal["latest", "promoted"] = Field(
+        "latest",
+        description="Where round n+1 starts. latest (the paper): from round n's trained model, promoted or not; the "
+        "gate's decision marks which model to deploy. promoted: from the last promoted model, so a refused round is "
+        "a dead end and the next round retries from the last good model.",
+    )
+    keep_last: int | None = Field(
+        10, ge=0, le=100_000, description="Retention, applied after each round's promotion decision: keep the folders "
+        "of the newest this many registered rounds (every round in a promoted lineage, and any round still running, "
+        "is always kept; registry entries stay). None = keep everything. Lower = less disk, fewer rounds to inspect.")
 
 
 class PretrainConfig(StageConfig):

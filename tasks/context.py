@@ -58,6 +58,8 @@ class StageContext(BaseModel):
     world: str = "paper"  # plugins.WORLDS: who writes the text and draws the PNGs
     shard_rows: int = 64
     execution: ExecutionConfig = ExecutionConfig()  # how, not what: no table depends on it (see Stage.execution)
+    # (model, adapters, fingerprint) the round started from: the fixed judge's model (None = this model itself)
+    start: tuple[str, tuple[str, ...], str] | None = None
 
     @property
     def round_path(self) -> Path:
@@ -99,6 +101,7 @@ def keep_model(ctx: StageContext, bundle) -> None:
 def round_tools(ctx: StageContext, cfg, **fields) -> Tools:
     """The round's plug-ins for one stage. The judge is a setting of the stage that judges (`VQAConfig.judge`)."""
     return assemble(partial(bundle_for, ctx), world=ctx.world, judge=getattr(cfg, "judge", "self"),
+                    judge_model=getattr(cfg, "judge_model", None), start=ctx.start,
                     source=(ctx.model, ctx.adapters, ctx.fingerprint), execution=ctx.execution, **fields)
 
 
@@ -119,6 +122,7 @@ class StageCall:
 
 def with_oom_backoff(run: Callable[[Any], pa.Table], cfg) -> pa.Table:
     """Run; on a CUDA out-of-memory error halve cfg.batch_size and go on (down to 1), instead of failing the round.
+    An "auto" batch size becomes half of what the free-memory rule last chose.
 
     A training config keeps its pairs per optimizer step: the micro-batch drops to the largest divisor of it that
     is at most half, and gradient accumulation grows by the same factor (8 x 4 -> 4 x 8; 6 x 4 -> 3 x 8).
@@ -130,13 +134,18 @@ def with_oom_backoff(run: Callable[[Any], pa.Table], cfg) -> pa.Table:
             return run(cfg)
         except torch.cuda.OutOfMemoryError:
             size = getattr(cfg, "batch_size", 1)
+            if size == "auto":  # halve what the free-memory rule chose
+                from ospo_core.janus.memory import last_auto_batch
+
+                size = last_auto_batch()
             if size <= 1:
                 raise
             torch.cuda.empty_cache()
             if hasattr(cfg, "gradient_accumulation_steps"):
                 smaller = next(d for d in range(size // 2, 0, -1) if size % d == 0)
-                update = {"batch_size": smaller,
-                          "gradient_accumulation_steps": cfg.gradient_accumulation_steps * (size // smaller)}
+                update = {"batch_size": smaller}
+                if cfg.gradient_accumulation_steps is not None:  # else derived from pairs_per_step: grows by itself
+                    update["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps * (size // smaller)
             else:
                 update = {"batch_size": size // 2}
             cfg = cfg.model_copy(update=update)

@@ -82,7 +82,7 @@ def test_text_stages_keep_their_own_spec_defaults_under_one_declaration():
     assert (QuestionsConfig().temperature, QuestionsConfig().top_p, QuestionsConfig().max_new_tokens) == (1.2, 0.5, 256)
     assert (PerturbConfig().temperature, PerturbConfig().top_p, PerturbConfig().max_new_tokens) == (1.2, 0.9, 512)
     prompts = RoundConfig().prompts
-    assert (prompts.temperature, prompts.top_p, prompts.max_new_tokens, prompts.batch_size) == (1.0, 1.0, 512, 16)
+    assert (prompts.temperature, prompts.top_p, prompts.max_new_tokens, prompts.batch_size) == (1.0, 1.0, 512, "auto")
     for section in ("prompts", "perturb", "densify", "questions"):  # one range check for every stage
         _refused(RoundConfig, _nested(f"{section}.top_p", 1.5), f"{section}.top_p")
 

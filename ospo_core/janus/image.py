@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from ospo_core.janus.chat import generation_prompt, unconditional_ids
 from ospo_core.janus.load import JanusBundle
-from ospo_core.janus.memory import KV_BLOCK  # ~10 attention shapes over a 576-token image: few recompiles
+from ospo_core.janus.memory import KV_BLOCK, kv_bytes_per_position, resolve_batch, round_up  # KV_BLOCK: ~10
+# attention shapes over a 576-token image, so a compiled step is recompiled / re-graphed a handful of times
 from ospo_core.janus.sampling import as_seeds, row_uniforms, sample_tokens
 from ospo_core.janus.text import positions_from_mask, resolve_compile_mode
 
@@ -95,14 +96,15 @@ def sample_image_tokens(
     temperature: float = 1.0,
     seed: int | list[int] = 0,
     greedy: bool = False,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     compile_mode: str | None = None,
 ) -> torch.Tensor:
     """One image per prompt as (B, N) image-token ids. `seed` is one integer per prompt (or one for all); each row
     has its own RNG.
 
     `compile_mode` is a `torch.compile` mode for the per-token step, None or "eager" for none, "auto" for CUDA graphs
-    on a GPU and eager on the CPU. It changes the speed, not the distribution (in fp32; bf16 kernels round
+    on a GPU and eager on the CPU. `batch_size`: images per batch, or "auto" (by free memory on a GPU, see
+    `ospo_core.janus.memory`). Both change the speed, not the distribution (in fp32; bf16 kernels round
     differently); the first batch pays the compilation (about a minute), so it pays off on long GPU runs only.
     """
     if not prompts:
@@ -113,6 +115,12 @@ def sample_image_tokens(
         raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
     compile_mode = resolve_compile_mode(compile_mode, bundle.device)
     seeds = as_seeds(seed, len(prompts))
+    per_image = 0
+    if batch_size == "auto":  # by free memory: 2 cache rows per image (guidance) over prompt + image, fp32 logits
+        longest = max(len(bundle.tokenizer(generation_prompt(bundle.processor, p))["input_ids"]) for p in prompts)
+        per_image = 2 * (kv_bytes_per_position(bundle.model) * round_up(longest + bundle.num_image_tokens)
+                         + 4 * bundle.codebook_size)
+    batch_size = resolve_batch(batch_size, "render", bundle.device, per_image, limit=len(prompts))
     # dynamic=None: the attention span (a Python int on the cache) turns symbolic after its first change, so the
     # step compiles a few times, and CUDA graphs ("reduce-overhead") are recorded once per KV block. Not fullgraph:
     # past torch's recompile limit (many batch or prompt lengths) a step falls back to eager instead of failing.

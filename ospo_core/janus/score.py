@@ -9,6 +9,7 @@ from PIL import Image
 from ospo_core.janus.chat import render_chat, understanding_chat
 from ospo_core.janus.image import gen_prompt_batch
 from ospo_core.janus.load import JanusBundle
+from ospo_core.janus.memory import kv_bytes_per_position, resolve_batch
 
 
 def as_rgb(images: list, what: str = "image") -> list[Image.Image]:
@@ -34,14 +35,15 @@ def score_yes_no(
     questions: list[list[str]],
     *,
     shared_prefix: bool = True,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
 ) -> list[list[tuple[float, float]]]:
     """For each image, (p_yes, p_no) per question from the next-token distribution of the understanding chat.
 
     p_yes = max(P[yes], P[Yes]), p_no = max(P[no], P[No]) under the full-vocabulary softmax. With `shared_prefix`
     the part of the prompt shared by an image's questions (system prompt + image) is run once, and its questions
     are packed into that image's one cache row behind it (each attending the prefix and itself only); the result
-    equals one full forward per question, and no cache row is copied per question.
+    equals one full forward per question, and no cache row is copied per question. `batch_size`: images per batch,
+    or "auto" (by free memory on a GPU, see `ospo_core.janus.memory`).
     """
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} question lists; pass one list per image")
@@ -49,6 +51,10 @@ def score_yes_no(
         if any(not q.strip() for q in qs):
             raise ValueError(f"question list {i} holds an empty question; drop empty questions before scoring")
     images = as_rgb(images)
+    # "auto": by free memory, an image's cache row over its prefix (~image tokens + system prompt) and questions
+    per_image = kv_bytes_per_position(bundle.model) * (bundle.num_image_tokens + 64 + 32 * max(map(len, questions),
+                                                                                             default=1))
+    batch_size = resolve_batch(batch_size, "vqa", bundle.device, per_image, limit=max(len(images), 1))
     yes, no = yes_no_ids(bundle.tokenizer)
     results: list[list[tuple[float, float]]] = []
     for start in range(0, len(images), batch_size):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ospo_core.janus.memory import CPU_BATCH
 from ospo_core.testbed import judge, oracle, render, text, world
 
 
@@ -64,11 +65,17 @@ class GridSelfJudge:
     def answer(self, rows, questions, batch_size):
         from ospo_core.records import decode_image
 
-        images = [decode_image(row["image"]) for row in rows]
-        grids = [None if image is None else judge.encode_png(image) for image in images]
+        seen = {}  # an image asked several question sets is read once
+
+        def read(row):
+            image = decode_image(row["image"])
+            return None if image is None else judge.encode_png(image)
+
+        grids = [seen[id(row)] if id(row) in seen else seen.setdefault(id(row), read(row)) for row in rows]
         readable = [i for i, grid in enumerate(grids) if grid is not None]
         # batch_size counts images (VQAConfig); a batch of the model holds their questions.
-        per_batch = batch_size * max(1, max((len(qs) for qs in questions), default=1))
+        images = CPU_BATCH if batch_size == "auto" else batch_size  # the grid judge is small: no memory rule
+        per_batch = images * max(1, max((len(qs) for qs in questions), default=1))
         scores = judge.grid_yes_no(self.model(), [grids[i] for i in readable], [questions[i] for i in readable],
                                    batch_size=per_batch)
         out = [None] * len(rows)
