@@ -201,6 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         except store.RoundBusyError as exc:
             raise UsageError(str(exc)) from None
     print(f"OSPO round on {config.model} (preset {preset}); artifacts under {home}", flush=True)
+    from ospo_core.estimate import round_estimate
+
+    print(round_estimate(config), flush=True)
     with interruptible(), prefect_api():
         from flows.round import ospo_round
 
@@ -213,6 +216,18 @@ def _run(args: argparse.Namespace) -> int:
         before, after = before_after(config.model, config.adapters, manifest["adapter"], config.render)
         print(f"\nheld-out exact-scene accuracy (the shapes world's oracle; the round was judged by "
               f"{config.vqa.judge}):\n{before_after_table(before, after)}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from ospo_core.estimate import estimate, model_size, table
+
+    config, _ = build_round_config(args)
+    try:
+        size = args.model_size or model_size(config.model)
+        print(table(estimate(config, size=size, device=args.device, gpus=args.gpus)))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -305,6 +320,14 @@ def build_eval_config(args: argparse.Namespace, tiny: bool):
         document["limit"] = args.limit
     if args.images is not None:
         document["images_per_prompt"] = args.images
+    if args.judge is not None:
+        document["judge"] = args.judge
+    if args.judge_model is not None:
+        if args.judge_model != "tiny" and not Path(args.judge_model).is_dir():
+            raise UsageError(f"--judge-model {args.judge_model}: no such folder; give the local folder of the judge's "
+                             f"weights (README: Judges)")
+        document["judge_model"] = args.judge_model if args.judge_model == "tiny" else str(
+            Path(args.judge_model).resolve())
     return validated(EvalConfig, document, args.set, "eval", "questions.fallback=structured"), preset
 
 
@@ -349,7 +372,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _rounds(args: argparse.Namespace) -> int:
     """The lineage in registry order: what each round started from, its eval metric before -> after, the decision."""
     from ospo_core import store
-    from ospo_core.evaluate import JUDGE_NOTE
 
     home = home_of(args)
     if args.rebuild:
@@ -377,7 +399,7 @@ def _rounds(args: argparse.Namespace) -> int:
     latest = store.latest_promoted(home)
     print(f"\nnext round starts from: {latest['round_id'] if latest else 'the base model (nothing promoted yet)'}")
     if any(e.get("gate") for e in entries):
-        print(JUDGE_NOTE)
+        print(next(e["metrics"]["eval"]["judge"] for e in reversed(entries) if e.get("gate")))
     return 0
 
 
@@ -443,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one setting, e.g. --set train.max_steps=20 --set select.rule=v3")
     run.set_defaults(func=_run)
 
+    est = sub.add_parser("estimate", help="projected wall time of each stage and of a round on a device, from the "
+                         "benchmarks' device profiles; ends with 'total: <hours> h'")
+    est.add_argument("--preset", choices=["demo", "paper", "testbed", "testbed-demo"], default="paper")
+    est.add_argument("--model", default="tiny", help="the round's model ('tiny' or a checkpoint folder, sized from "
+                     "its config.json unless --model-size is given)")
+    est.add_argument("--model-size", choices=["tiny", "mid", "1b", "7b"], help="model shape to estimate for")
+    est.add_argument("--device", default="cpu", help="device profile (ospo_core/data/profiles/NAME.json), e.g. h200")
+    est.add_argument("--gpus", type=int, default=1, help="devices: stages shard over them, training is data-parallel")
+    est.add_argument("--config", help="YAML/JSON file with round settings")
+    est.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting")
+    est.set_defaults(func=_estimate, round=None)
+
     inspect = sub.add_parser("inspect", help="counts, rejections, sample rows and training metrics of a round")
     inspect.add_argument("round", help="round id (a folder under OSPO_HOME/runs)")
     inspect.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
@@ -465,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also start a worker for the ospo-gpu pool here (a GPU machine serving itself)")
     serve.set_defaults(func=_serve)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model or a round on held-out prompts (self-judged) and print "
+    evaluate = sub.add_parser("eval", help="evaluate a model or a round on held-out prompts under a judge and print "
                               "the per-category metrics")
     evaluate.add_argument("--model", help="'tiny' or a local Janus checkpoint folder (default: tiny, unless --round)")
     evaluate.add_argument("--round", help="evaluate this round's trained model (its start model with --start)")
@@ -474,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", required=True, metavar="t2i-compbench|geneval|FILE",
                           help="a shipped prompt set, or a file: one prompt per line, or JSONL with 'prompt'")
     evaluate.add_argument("--limit", type=int, help="first N prompts of each category")
+    evaluate.add_argument("--judge", choices=["fixed", "self", "geneval", "vqa"],
+                          help="who answers the questions (default fixed: a round's start model, or the model itself)")
+    evaluate.add_argument("--judge-model", metavar="DIR",
+                          help="the judge's local weights: a Janus folder (fixed), a folder with detector/ and clip/ "
+                               "(geneval) or with vqa/ and clip/ (vqa)")
     evaluate.add_argument("--images", type=int, help="images per prompt")
     evaluate.add_argument("--preset", choices=["demo", "paper"],
                           help="starting settings: demo (1 image per prompt, structured question fallback) is the "
