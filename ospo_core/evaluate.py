@@ -1,17 +1,22 @@
-"""Held-out evaluation with the model as its own judge, and the promotion gate of the self-improvement loop.
+"""Held-out evaluation under a chosen judge, and the promotion gate of the self-improvement loop.
 
-An evaluation draws `images_per_prompt` images for every prompt of a held-out set and asks the same model yes/no
-questions about each image (self-VQA, spec section 3b). Per category it reports
+An evaluation draws `images_per_prompt` images for every prompt of a held-out set and asks a judge
+(`EvalConfig.judge`, a plug-in of `ospo_core.plugins.JUDGES`) yes/no questions about each image. Per category it
+reports
 
-    mean_score = mean over images of the local score  mean_q (p_yes - p_no)          in [-1, 1]
+    mean_score = mean over images of the image's score: by default the local score mean_q (p_yes - p_no) in [-1, 1]
+                 (the vqa judge: T2I-CompBench's product of p_yes, or CLIPScore for non-spatial prompts)
     all_yes    = fraction of images whose every answer is "yes" (p_yes > p_no)        in [0, 1]
 
 and, for tagged prompts (GenEval), each tag's pass rate: the all_yes fraction of its images, which is GenEval's
-"all conditions met" rule with the self-judge in place of GenEval's object detector. The overall value of a metric
-is the mean over categories, so a category weighs the same whatever its size, as in the benchmarks.
+"all conditions met" rule (with the geneval judge, GenEval's own detector-and-CLIP rules). The overall value of a
+metric is the mean over categories, so a category weighs the same whatever its size, as in the benchmarks.
 
-The judge is the evaluated model itself: the numbers measure a model against its own understanding and track it
-across rounds; they are not GenEval or T2I-CompBench scores and are not comparable with published ones.
+Judges: self (the evaluated model answers about its own images), fixed (a frozen Janus: a round's start model judges
+both the start and the trained model's images, so training cannot teach the judge to say yes; the default), geneval
+and vqa (GenEval's and T2I-CompBench's procedures on local detector / CLIP / BLIP folders). Self- and fixed-judged
+numbers track a model across rounds; they are not benchmark scores. `rejudge` answers an eval table's images again
+with another judge (the gate's judge drift: the trained model's own verdict beside the fixed judge's).
 
 Questions. GenEval's metadata names the objects, counts, colours and relative positions of a prompt, and is turned
 into questions deterministically (`geneval_questions`). A prompt without metadata gets its questions from the
@@ -36,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 from ospo_core import store
 from ospo_core.config import EvalConfig, GateConfig, QuestionsConfig
 from ospo_core.janus.image import sample_images
-from ospo_core.janus.score import score_yes_no
+from ospo_core.judges.geneval import POSITION_PHRASES, plural
 from ospo_core.plugins import tools_for
 from ospo_core.records import EVAL, EVAL_QUESTIONS, NEGATIVES, PROMPTS, check_schema, image_cell, to_table
 from ospo_core.stages.common import row_seed
@@ -45,10 +50,18 @@ from ospo_core.stages.select import answer, local_score
 from ospo_core.templates import vocabulary, with_article
 from ospo_core.templates.parse import NUMBER_WORDS, number_word
 
-JUDGE_NOTE = (
-    "Judge: the evaluated model itself (its own yes/no answers, self-VQA), not GenEval's object detector nor "
-    "T2I-CompBench's scorers. These numbers track the model across rounds; they are not benchmark scores."
-)
+JUDGE_NOTES = {
+    "self": "Judge: the evaluated model itself (its own yes/no answers, self-VQA), not GenEval's object detector nor "
+            "T2I-CompBench's scorers. These numbers track the model across rounds; they are not benchmark scores.",
+    "fixed": "Judge: a fixed Janus (a round's start model; a model outside the rounds judges itself) answering yes/no "
+             "on every image, not GenEval's object detector nor T2I-CompBench's scorers; it does not change while "
+             "a round trains. These numbers track models across rounds; they are not benchmark scores.",
+    "geneval": "Judge: GenEval's rules (object detector and CLIP colour classification from local folders); the pass "
+               "rate per tag is GenEval's score when the folders hold GenEval's models.",
+    "vqa": "Judge: a VQA model (P(yes) / (P(yes) + P(no)), score = product over questions, as T2I-CompBench's BLIP-VQA) "
+           "and CLIPScore for non-spatial prompts, from local folders; the questions are this evaluation's own.",
+}
+JUDGE_NOTE = JUDGE_NOTES["self"]
 METRICS = ("mean_score", "all_yes")
 SHIPPED_SETS = ("t2i-compbench", "geneval")
 
@@ -59,8 +72,6 @@ T2I_COMPBENCH_CATEGORIES = {
     "non_spatial": "non-spatial", "complex": "complex",
 }
 QUESTION_FAMILIES = ("attribute", "layout", "non-spatial", "complex")
-# GenEval's relative positions (`"position": [relation, index of the reference object]`) as question wording.
-POSITION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 _FILE_KEYS = {"prompt", "id", "category", "tag", "tags", "include", "exclude"}
 _ENTRY_KEYS = {"class", "count", "color", "position"}
 _EPS = 1e-9  # metrics are means of floats: 0.3 - 0.1 must count as an improvement of 0.2
@@ -225,27 +236,6 @@ def prompts_hash(prompts: list[EvalPrompt]) -> str:
 # ---------------------------------------------------------------- questions
 
 
-def plural(noun: str, prompt: str = "") -> str:
-    """The plural of `noun`: as the prompt writes it after a number word ("two benchs"), else by English rules."""
-    if prompt:
-        number = "|".join([*NUMBER_WORDS[2:], r"\d+"])
-        written = re.search(rf"\b(?:{number})\s+({re.escape(noun)}\w*)", prompt, re.IGNORECASE)
-        if written:
-            return written.group(1)
-    head, _, last = noun.rpartition(" ")
-    irregular = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-                 "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors"}
-    if last in irregular:
-        word = irregular[last]
-    elif re.search(r"(s|x|z|ch|sh)$", last):
-        word = last + "es"
-    elif re.search(r"[^aeiou]y$", last):
-        word = last[:-1] + "ies"
-    else:
-        word = last + "s"
-    return f"{head} {word}" if head else word
-
-
 def geneval_questions(prompt: EvalPrompt) -> list[str]:
     """GenEval metadata -> yes/no questions, each expected to be answered "yes" by a faithful image.
 
@@ -343,37 +333,57 @@ def eval_questions(prompts: list[EvalPrompt], bundle, cfg: QuestionsConfig) -> p
 # ---------------------------------------------------------------- images and self-VQA
 
 
-def evaluate(questions: pa.Table, bundle, cfg: EvalConfig) -> pa.Table:
-    """EVAL_QUESTIONS -> EVAL: `images_per_prompt` images per prompt, each judged by `bundle` on its prompt's
-    questions. Image k of a prompt is drawn with seed row_seed(cfg.seed, prompt_id, k), so another model meets
-    the same prompts, questions and noise. A prompt without usable questions gets ok=False rows ("no_questions")."""
+_CELL = ("prompt_set", "prompt_id", "category", "tags", "prompt", "questions", "source")
+
+
+def evaluate(questions: pa.Table, tools, cfg: EvalConfig) -> pa.Table:
+    """EVAL_QUESTIONS -> EVAL: `images_per_prompt` images per prompt drawn by `tools.model`, each judged by
+    `tools.judge` on its prompt's questions. Image k of a prompt is drawn with seed row_seed(cfg.seed, prompt_id,
+    k), so another model meets the same prompts, questions and noise. A prompt without usable questions gets ok=False
+    rows ("no_questions")."""
     check_schema(questions.schema, EVAL_QUESTIONS, table="eval_questions")
     prompts = questions.to_pylist()
     jobs = [(row, k, row_seed(cfg.seed, row["prompt_id"], k))
             for row in prompts if row["ok"] and row["questions"] for k in range(cfg.images_per_prompt)]
-    scored = {}
+    drawn = {}
     if jobs:
-        samples = sample_images(bundle, [row["prompt"] for row, _, _ in jobs], cfg_weight=cfg.cfg_weight,
+        samples = sample_images(tools.model, [row["prompt"] for row, _, _ in jobs], cfg_weight=cfg.cfg_weight,
                                 temperature=cfg.temperature, seed=[seed for _, _, seed in jobs],
                                 batch_size=cfg.batch_size, compile_mode=cfg.compile_mode)
-        scores = score_yes_no(bundle, samples.images, [row["questions"] for row, _, _ in jobs],
-                              batch_size=cfg.batch_size)
-        scored = {(row["prompt_id"], k): (image, s) for (row, k, _), image, s in zip(jobs, samples.images, scores)}
+        drawn = {(row["prompt_id"], k): image_cell(image) for (row, k, _), image in zip(jobs, samples.images)}
     out = []
     for row in prompts:
         for k in range(cfg.images_per_prompt):
-            cell = {c: row[c] for c in ("prompt_set", "prompt_id", "category", "tags", "prompt", "questions",
-                                        "source")}
-            cell.update(k=k, seed=row_seed(cfg.seed, row["prompt_id"], k))
-            if (row["prompt_id"], k) not in scored:
-                out.append({**cell, "ok": False, "reason": "no_questions"})
-                continue
-            image, pairs = scored[(row["prompt_id"], k)]
-            p_yes, p_no = [y for y, _ in pairs], [n for _, n in pairs]
-            out.append({**cell, "image": image_cell(image), "p_yes": p_yes, "p_no": p_no,
-                        "score": local_score(p_yes, p_no),
-                        "all_yes": all(answer(y, n) == "yes" for y, n in pairs), "ok": True})
-    return to_table(out, EVAL)
+            cell = {**{c: row[c] for c in _CELL}, "k": k, "seed": row_seed(cfg.seed, row["prompt_id"], k)}
+            image = drawn.get((row["prompt_id"], k))
+            out.append({**cell, "image": image, "ok": True} if image else
+                       {**cell, "ok": False, "reason": "no_questions"})
+    return _judged(out, tools.judge, cfg.batch_size)
+
+
+def rejudge(table: pa.Table, judge, batch_size: int = 8) -> pa.Table:
+    """An EVAL table's images (same rows, prompts, seeds) answered again by another judge."""
+    check_schema(table.schema, EVAL, table="eval")
+    rows = [{c: r[c] for c in (*_CELL, "k", "seed", "image")} for r in table.to_pylist()]
+    for row in rows:  # every drawn image is judged anew, whatever the first judge made of it
+        row.update(ok=True) if row["image"] is not None else row.update(ok=False, reason="no_questions")
+    return _judged(rows, judge, batch_size)
+
+
+def _judged(rows: list[dict], judge, batch_size: int) -> pa.Table:
+    """EVAL rows with `judge`'s answers filled in for the rows that hold an image (the others stay as they are)."""
+    todo = [r for r in rows if r["ok"]]
+    answers = judge.answer(todo, [r["questions"] for r in todo], batch_size) if todo else []
+    custom = getattr(judge, "image_scores", None)
+    scores = custom(todo, answers) if custom and todo else [None] * len(todo)
+    for row, pairs, score in zip(todo, answers, scores):
+        if pairs is None or any(p is None for p in pairs):
+            row.update(ok=False, reason="corrupt_image" if pairs is None else judge.unknown_reason)
+            continue
+        p_yes, p_no = [y for y, _ in pairs], [n for _, n in pairs]
+        row.update(p_yes=p_yes, p_no=p_no, score=local_score(p_yes, p_no) if score is None else score,
+                   all_yes=all(answer(y, n) == "yes" for y, n in pairs), reason=None)
+    return to_table(rows, EVAL)
 
 
 # ---------------------------------------------------------------- metrics
@@ -418,7 +428,7 @@ class EvalMetrics(BaseModel):
         return out
 
 
-def eval_metrics(table: pa.Table) -> EvalMetrics:
+def eval_metrics(table: pa.Table, judge: str = "self") -> EvalMetrics:
     """Per-category mean local score and all-yes fraction, per-tag pass rate, from an EVAL table's ok rows."""
     check_schema(table.schema, EVAL, table="eval", columns=["prompt_set", "category", "tags", "score", "all_yes",
                                                             "ok", "reason"])
@@ -443,8 +453,8 @@ def eval_metrics(table: pa.Table) -> EvalMetrics:
     for r in rows:
         if not r["ok"]:
             rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
-    return EvalMetrics(prompt_set=sets.pop(), images=len(rows), scored=sum(r["ok"] for r in rows),
-                       rejected=rejected, categories=categories, tags=tags)
+    return EvalMetrics(prompt_set=sets.pop(), judge=JUDGE_NOTES[judge], images=len(rows),
+                       scored=sum(r["ok"] for r in rows), rejected=rejected, categories=categories, tags=tags)
 
 
 def metrics_text(metrics: EvalMetrics) -> str:
@@ -457,9 +467,9 @@ def metrics_text(metrics: EvalMetrics) -> str:
         lines.append(f"{name:<16}{c.images:>8}{c.scored:>8}{_fmt(c.mean_score):>12}{_fmt(c.all_yes):>10}")
     lines.append(f"{'overall':<32}{_fmt(metrics.overall['mean_score']):>12}{_fmt(metrics.overall['all_yes']):>10}")
     if metrics.tags:
-        lines.append("pass rate per tag (every answer yes, self-judged): " + ", ".join(
+        lines.append("pass rate per tag (every answer yes): " + ", ".join(
             f"{tag}={_fmt(t.pass_rate)}" for tag, t in metrics.tags.items()))
-    lines.append(JUDGE_NOTE)
+    lines.append(metrics.judge)
     return "\n".join(lines)
 
 
@@ -484,6 +494,18 @@ class Decision:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def judge_drift(fixed: EvalMetrics, own: EvalMetrics, metric: str) -> dict[str, float | None]:
+    """How much better the trained model judges its own images than the fixed judge does, per category and
+    overall (own - fixed, on the same images): a round that teaches the model to say yes shows up here."""
+    drift = {"overall": None if own.overall[metric] is None or fixed.overall[metric] is None
+             else own.overall[metric] - fixed.overall[metric]}
+    for name, c in fixed.categories.items():
+        mine = own.categories.get(name)
+        a, b = getattr(c, metric), getattr(mine, metric) if mine else None
+        drift[name] = None if a is None or b is None else b - a
+    return drift
 
 
 def gate_decision(before: EvalMetrics, after: EvalMetrics, cfg: GateConfig) -> Decision:

@@ -5,11 +5,12 @@ An evaluation writes its tables through `run_stage` (atomic shards, resume, cach
 changed table) into its own folder:
 
     runs/<round>/eval/<set>/eval_questions/       questions, written by the model the round STARTED from
-    runs/<round>/eval/<set>/{start,trained}/eval/ images + self-VQA of the start model / the trained model
+    runs/<round>/eval/<set>/{start,trained}/eval/ images of the start model / the trained model and the judge's answers
+    runs/<round>/eval/<set>/trained/eval_rejudged/ the trained model's images answered by itself (judge drift)
     <home>/evals/<model id>/<set>/{eval_questions,eval}/   a model outside the rounds
 
-A round's start model and trained model are judged on one question sheet that the trained model had no hand in, so
-their difference is the model's alone.
+A round's start model and trained model are judged on one question sheet that the trained model had no hand in, and
+(with the default fixed judge) by one judge, the start model, so their difference is the drawing's alone.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def open_eval(cfg: EvalConfig, home: str | None, round_id: str | None, model: st
         writer = EvalContext(round_id=round_id, model=start["source"], adapters=tuple(start["adapters"]),
                              fingerprint=start["fingerprint"], label=f"start model of round {round_id}",
                              folder=str(path / "eval" / name), which="start", **common)
+        writer = writer.model_copy(update={"start": (writer.model, writer.adapters, writer.fingerprint)})
         if start_model:
             evaluated = writer.model_copy(update={
                 "folder": str(evaluate.round_eval_dir(home_path, round_id, name, "start"))})
@@ -94,35 +96,39 @@ def open_eval(cfg: EvalConfig, home: str | None, round_id: str | None, model: st
 
 
 @task(name="eval-report")
-def eval_report(ctx: EvalContext, table: dict) -> dict:
-    """metrics.json beside the table, a summary table artifact, the metrics-across-rounds plot (PNG beside the
-    table) and a markdown artifact that links it."""
-    metrics = evaluate.eval_metrics(read_ref(table))
+def eval_report(ctx: EvalContext, table: dict, judge: str = "self", rejudged: bool = False) -> dict:
+    """metrics.json beside the table (metrics_rejudged.json for the images judged again), a summary table artifact,
+    the metrics-across-rounds plot (PNG beside the table) and a markdown artifact that links it."""
+    metrics = evaluate.eval_metrics(read_ref(table), judge)
     folder = Path(ctx.folder)
-    store.write_json(folder / "metrics.json", metrics.model_dump(mode="json"))
+    suffix = "_rejudged" if rejudged else ""
+    store.write_json(folder / f"metrics{suffix}.json", metrics.model_dump(mode="json"))
     prompt_set = ctx.prompt_set
-    key = artifact_key(ctx, f"eval-{prompt_set}-{ctx.which}-metrics")
+    key = artifact_key(ctx, f"eval-{prompt_set}-{ctx.which}{suffix.replace('_', '-')}-metrics")
     rows = [{"category": name, "images": c.images, "scored": c.scored, "mean_score": c.mean_score,
              "all_yes": c.all_yes} for name, c in metrics.categories.items()]
     rows.append({"category": "overall (mean over categories)", "images": metrics.images, "scored": metrics.scored,
                  **metrics.overall})
     rows += [{"category": f"tag {tag}: pass rate", "scored": t.scored, "all_yes": t.pass_rate}
              for tag, t in metrics.tags.items()]
-    create_table_artifact(key=key, table=rows, description=f"{ctx.label} on {prompt_set}. {evaluate.JUDGE_NOTE}")
+    create_table_artifact(key=key, table=rows, description=f"{ctx.label} on {prompt_set}. {metrics.judge}")
+    if rejudged:  # the drift numbers sit beside the judge's own; the plot across rounds shows the gate's judge
+        get_run_logger().info("%s, judged by %s\n%s", ctx.label, judge, evaluate.metrics_text(metrics))
+        return {"metrics": metrics.model_dump(mode="json"), "folder": str(folder)}
 
     points = evaluate.rounds_history(Path(ctx.home), prompt_set)
     if ctx.which == "model":  # rounds are in the history already (their metrics.json is read back)
         points.append(evaluate.HistoryPoint(ctx.label, metrics, None))
     plot = folder / "metrics_across_rounds.png"
     image = metrics_plot([p.label for p in points], evaluate.history_panels(points), [p.promoted for p in points],
-                         title=f"{prompt_set}: self-judged metrics across rounds",
-                         note=f"{evaluate.JUDGE_NOTE} Overall markers: filled = promoted, hollow = kept but not "
+                         title=f"{prompt_set}: metrics across rounds ({judge} judge)",
+                         note=f"{metrics.judge} Overall markers: filled = promoted, hollow = kept but not "
                               f"promoted, square = a start model or a model outside the rounds.")
     tmp = plot.with_name(f".{plot.name}.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(plot)
     create_markdown_artifact(key=f"{key}-plot", description=f"metrics across rounds on {prompt_set}", markdown="\n".join([
-        f"# {ctx.label} on `{prompt_set}`", "", f"**{evaluate.JUDGE_NOTE}**", "",
+        f"# {ctx.label} on `{prompt_set}`", "", f"**{metrics.judge}**", "",
         "```", evaluate.metrics_text(metrics), "```", "",
         f"Metrics across rounds (filled: promoted, hollow: kept but not promoted): [{plot.name}]({plot.as_uri()})",
         f"", f"Eval table: `{table['path']}`"]))
@@ -131,27 +137,39 @@ def eval_report(ctx: EvalContext, table: dict) -> dict:
 
 
 @task(name="promotion-gate")
-def promotion_gate(home: str | None, round_id: str, cfg: GateConfig, before: dict, after: dict) -> dict:
-    """Decide with `evaluate.gate_decision` and record the decision, its reason and both evaluations in the
-    round's registry entry (replaced in place)."""
+def promotion_gate(home: str | None, round_id: str, cfg: GateConfig, before: dict, after: dict,
+                   judge: str = "self") -> dict:
+    """Decide with `evaluate.gate_decision` on `judge`'s numbers and record the decision, its reason, both
+    evaluations and, when the trained model's images were also judged by the model itself (`after["rejudged"]`),
+    the judge drift (self - judge), in the round's registry entry (replaced in place)."""
     home_path = Path(home) if home else store.ospo_home()
-    decision = evaluate.gate_decision(evaluate.EvalMetrics.model_validate(before["metrics"]),
-                                      evaluate.EvalMetrics.model_validate(after["metrics"]), cfg)
+    trained = evaluate.EvalMetrics.model_validate(after["metrics"])
+    decision = evaluate.gate_decision(evaluate.EvalMetrics.model_validate(before["metrics"]), trained, cfg)
     entry = next((e for e in store.list_entries(home_path) if e["round_id"] == round_id), None)
     if entry is None:
         raise ValueError(f"round {round_id} is not in the registry of {home_path}; register it (close the round) "
                          f"before its promotion is decided")
+    own = after.get("rejudged")
+    drift = (evaluate.judge_drift(trained, evaluate.EvalMetrics.model_validate(own["metrics"]), cfg.metric)
+             if own else None)
     entry = {**entry, "promoted": decision.promote, "decision": decision.reason,
-             "gate": {**decision.to_dict(), "config": cfg.model_dump(mode="json")},
+             "gate": {**decision.to_dict(), "judge": judge, "judge_drift": drift,
+                      "config": cfg.model_dump(mode="json")},
              "metrics": {**entry.get("metrics", {}),
-                         "eval": {"prompt_set": before["metrics"]["prompt_set"], "judge": evaluate.JUDGE_NOTE,
-                                  "start": before["metrics"], "trained": after["metrics"]}}}
+                         "eval": {"prompt_set": before["metrics"]["prompt_set"], "judge": trained.judge,
+                                  "start": before["metrics"], "trained": after["metrics"],
+                                  "trained_self_judged": own["metrics"] if own else None}}}
     store.register(home_path, entry)
-    deltas = "\n".join(f"| {name} | {'-' if d is None else f'{d:+.4f}'} |" for name, d in decision.deltas.items())
+    rows = "\n".join(f"| {name} | {'-' if d is None else f'{d:+.4f}'} | "
+                      f"{'-' if not drift or drift.get(name) is None else f'{drift[name]:+.4f}'} |"
+                      for name, d in decision.deltas.items())
+    overall = f"\n\nJudge drift overall (the trained model on its own images minus the {judge} judge): " \
+              f"{drift['overall']:+.4f}" if drift and drift["overall"] is not None else ""
     create_markdown_artifact(
         key=re.sub(r"[^a-z0-9]+", "-", f"{round_id}-promotion".lower()).strip("-"),
         description=f"promotion gate of round {round_id}",
         markdown=f"# Round `{round_id}`: {'promoted' if decision.promote else 'not promoted'}\n\n{decision.reason}"
-                 f"\n\n| category | change in {decision.metric} |\n|---|---|\n{deltas}\n\n{evaluate.JUDGE_NOTE}")
-    get_run_logger().info("round %s: %s", round_id, decision.reason)
+                 f"{overall}\n\n| category | change in {decision.metric} ({judge} judge) | judge drift (self - "
+                 f"{judge}) |\n|---|---|---|\n{rows}\n\n{trained.judge}")
+    get_run_logger().info("round %s: %s%s", round_id, decision.reason, overall.replace("\n", " "))
     return entry

@@ -19,3 +19,4 @@ train = StageTask(pipeline.TRAIN)
 # Held-out evaluation
 eval_questions = StageTask(pipeline.EVAL_QUESTIONS)
 judge_eval_images = StageTask(pipeline.EVAL)
+rejudge_eval_images = StageTask(pipeline.REJUDGE)

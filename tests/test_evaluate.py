@@ -12,6 +12,8 @@ from PIL import Image
 from ospo_core import evaluate as ev
 from ospo_core import store
 from ospo_core.config import EVAL_DEMO_OVERRIDES, EvalConfig, GateConfig, deep_update
+from ospo_core.janus import score as janus_score
+from ospo_core.plugins import tools_for
 from ospo_core.records import EVAL, SCHEMAS, to_table
 from ospo_core.stages.common import row_seed
 from test_flow import small_config
@@ -186,7 +188,7 @@ def test_metrics_follow_the_formulas_on_a_controlled_judge(tiny, monkeypatch):
             out.append(row)
         return out
 
-    monkeypatch.setattr(ev, "score_yes_no", judge)
+    monkeypatch.setattr(janus_score, "score_yes_no", judge)
     rows = [dict(prompt_set="s", prompt_id="c1", category="color", tags=["a"], prompt="a red ball",
                  questions=["Is it red?", "Is it round?"], source="model", ok=True),
             dict(prompt_set="s", prompt_id="s1", category="spatial", tags=["b"], prompt="a ball on the left",
@@ -194,7 +196,7 @@ def test_metrics_follow_the_formulas_on_a_controlled_judge(tiny, monkeypatch):
             dict(prompt_set="s", prompt_id="s2", category="spatial", tags=["b"], prompt="nonsense", source="model",
                  ok=False, reason="no_marker")]
     questions = to_table(rows, SCHEMAS["eval_questions"])
-    table = ev.evaluate(questions, tiny, eval_config(images_per_prompt=2, seed=7))
+    table = ev.evaluate(questions, tools_for(tiny), eval_config(images_per_prompt=2, seed=7))
     assert table.num_rows == 6
     assert table.column("score").to_pylist() == pytest.approx([0.55, 0.15, -0.1, -0.1, None, None])
     assert table.column("all_yes").to_pylist() == [True, False, False, False, None, None]
@@ -223,7 +225,7 @@ def test_tiny_model_on_the_shipped_sets(tiny, prompt_set, limit):
         sources = questions.column("source").to_pylist()
         assert set(sources) <= {"model", "fallback"} and "fallback" in sources
         assert all(r["ok"] == (r["source"] == "fallback") for r in questions.to_pylist())
-    table = ev.evaluate(questions, tiny, cfg)
+    table = ev.evaluate(questions, tools_for(tiny), cfg)
     assert table.num_rows == len(prompts) * cfg.images_per_prompt
     assert table.schema.equals(EVAL)
     metrics = ev.eval_metrics(table)
@@ -249,11 +251,11 @@ def test_tiny_model_on_a_user_file_is_reproducible(tiny, tmp_path):
                                                              ["Is there a red apple?", "Is there a bench?"]]
     assert questions.column("source").to_pylist()[:2] == ["metadata", "fallback"]
     assert questions.column("reason").to_pylist()[2] is not None  # nothing to read from it: kept as a failure
-    table = ev.evaluate(questions, tiny, cfg)
+    table = ev.evaluate(questions, tools_for(tiny), cfg)
     metrics = ev.eval_metrics(table)
     assert metrics.rejected == {"no_questions": 2} and metrics.scored == 4
     assert_metrics_match(table, metrics)
-    again = ev.evaluate(questions, tiny, cfg)  # same model, prompts and seeds -> the same images and scores
+    again = ev.evaluate(questions, tools_for(tiny), cfg)  # same model, prompts and seeds -> the same images and scores
     assert store.content_hash(again) == store.content_hash(table)
     with pytest.raises(ValueError, match="a model must write their questions"):
         ev.eval_questions(prompts, None, cfg.questions)
@@ -312,13 +314,13 @@ def test_evaluate_flow_and_cli_write_tables_metrics_plot_and_artifacts(prefect, 
     eval_id = folder.parent.name
     assert f"{eval_id}-eval-geneval-model-metrics" in keys and f"{eval_id}-eval-geneval-model-metrics-plot" in keys
     markdown = next(a.data for a in plot_md if a.key == f"{eval_id}-eval-geneval-model-metrics-plot")
-    assert Path(result["plot"]).as_uri() in markdown and ev.JUDGE_NOTE in markdown
+    assert Path(result["plot"]).as_uri() in markdown and ev.JUDGE_NOTES["fixed"] in markdown
 
     user = tmp_path / "prompts.txt"
     user.write_text("a red apple\ntwo cats\n")
     assert main(["eval", "--model", "tiny", "--prompts", str(user), "--home", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and ev.JUDGE_NOTE in out and "eval table:" in out
+    assert "overall" in out and ev.JUDGE_NOTES["fixed"] in out and "eval table:" in out
     assert main(["eval", "--round", "nope", "--prompts", "geneval", "--home", str(tmp_path)]) == 2
 
 
@@ -338,10 +340,10 @@ def test_two_rounds_through_the_gate(prefect, tmp_path, monkeypatch, capsys):
         p = quality[len(bundle.adapters)]
         return [[(p, 1 - p) for _ in qs] for qs in questions]
 
-    monkeypatch.setattr(ev, "score_yes_no", judge)
+    monkeypatch.setattr(janus_score, "score_yes_no", judge)
     config = SelfImproveConfig(rounds=2, round_prefix="t", round=small_config(),
-                               eval=eval_config(prompt_set="geneval", limit=1),
-                               gate=GateConfig(min_improvement=0.1, max_category_drop=0.05))
+                               eval=eval_config(prompt_set="geneval", limit=1, judge="self"),
+                               gate=GateConfig(min_improvement=0.1, max_category_drop=0.05), lineage="promoted")
     manifests = self_improve(config, home=str(tmp_path))
     first, second = manifests
     assert [m["promoted"] for m in manifests] == [True, False]

@@ -252,9 +252,9 @@ class TestOSPOLoss:
         assert_close(loss, torch.tensor(0.8 * MEAN_SIMPO + 1.5 * SFT))
 
     def test_dpo_pair_term_hand_value(self):
-        """loss = "dpo", β₁ = 0.5, only the pair term: the dpo_loss example, π_w = -2.0, π_l = -2.6, ρ_w = -2.1,
+        """loss = "dpo", dpo_beta = 0.5, only the pair term: the dpo_loss example, π_w = -2.0, π_l = -2.6, ρ_w = -2.1,
         ρ_l = -2.4: z = 0.5·(0.6 - 0.3) = 0.15, L = log(1 + e^-0.15) = 0.620957."""
-        cfg = OSPOLossConfig(loss="dpo", simpo_beta=0.5, simpo_weight=1.0, copo_weight=0.0, sft_weight=0.0)
+        cfg = OSPOLossConfig(loss="dpo", dpo_beta=0.5, simpo_weight=1.0, copo_weight=0.0, sft_weight=0.0)
         loss, _ = ospo_loss(_t(-2.0), _t(-2.6), None, TOKENS[:1], TOKEN_MASK[:1], cfg,
                             reference_logps=(_t(-2.1), _t(-2.4)))
         assert_close(loss, torch.tensor(0.620957))

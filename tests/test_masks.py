@@ -20,7 +20,7 @@ from ospo_core.stages.masks import (
     object_spans,
     otsu_threshold,
 )
-from ospo_core.train.data import OSPOCollator, pairs_to_dataset, tokenize_prompts
+from ospo_core.train.data import OSPOCollator, pairs_to_dataset, skipped_without_masks, tokenize_prompts
 from ospo_core.train.loss import object_weights
 from ospo_core.train.trainer import train_ospo
 
@@ -223,18 +223,18 @@ def test_training_with_object_masks(tiny, samples, tmp_path):
     bundle = load_janus("tiny", device="cpu")  # training takes ownership of the model: not the shared fixture
 
     dataset = pairs_to_dataset(pairs, bundle, cfg, masks)
+    stored = {(r["item_id"], r["side"]): r for r in masks.to_pylist()}
+    masked = [i for i in ITEMS if stored[(i, "chosen")]["ok"] and stored[(i, "rejected")]["ok"]]
+    # a pair without both masks is skipped (spec), and counted
+    assert dataset["item_id"] == masked and skipped_without_masks(pairs, masks) == len(ITEMS) - len(masked)
     dataset = dataset.map(tokenize_prompts, fn_kwargs={"processor": bundle.processor})
     batch = OSPOCollator(bundle.tokenizer.pad_token_id)(list(dataset))
     weights = batch["token_weights"]  # (3B, N): chosen, rejected, swapped (= chosen image) rows
-    b = len(ITEMS)
+    b = len(masked)
     torch.testing.assert_close(weights[2 * b :], weights[:b], atol=0, rtol=0)
-    stored = {(r["item_id"], r["side"]): r for r in masks.to_pylist()}
-    for row, item in enumerate(ITEMS):
+    for row, item in enumerate(masked):
         for offset, side in ((0, "chosen"), (b, "rejected")):
             mask_row, w = stored[(item, side)], weights[offset + row]
-            if not mask_row["ok"]:
-                assert torch.equal(w, torch.ones_like(w))  # no mask: the plain, unweighted likelihood
-                continue
             grid = torch.tensor(mask_row["mask"]).view(1, bundle.grid, bundle.grid)
             torch.testing.assert_close(w, object_weights(grid)[0], atol=1e-6, rtol=0)
             # Every masked cell gains weight (the blur also lifts its neighbours, so > 1 is not confined to it).
@@ -243,3 +243,4 @@ def test_training_with_object_masks(tiny, samples, tmp_path):
     result = train_ospo(pairs, bundle, cfg, tmp_path, masks=masks)
     losses = [r["value"] for r in result.history.to_pylist() if r["metric"] == "loss"]
     assert result.steps == 2 and losses and all(math.isfinite(v) for v in losses)
+    assert result.final_metrics["pairs/skipped_no_mask"] == len(ITEMS) - len(masked)

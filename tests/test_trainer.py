@@ -102,7 +102,7 @@ class CountSteps(TrainerCallback):
         self.ran.append(state.global_step)
 
 
-TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}  # wall-clock, differ run to run
+TIMING = {f"{split}_{m}" for split in ("train", "eval") for m in ("runtime", "samples_per_second", "steps_per_second")}  # wall-clock
 
 
 def _assert_same_history(resumed, full):

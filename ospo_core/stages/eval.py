@@ -1,5 +1,5 @@
-"""Held-out evaluation as two stages (`ospo_core.evaluate` holds the method): the question sheet of a prompt set,
-and images drawn with fixed seeds and judged on it, shard by shard."""
+"""Held-out evaluation as stages (`ospo_core.evaluate` holds the method): the question sheet of a prompt set,
+images drawn with fixed seeds and judged on it shard by shard, and the same images judged again by another judge."""
 
 from __future__ import annotations
 
@@ -17,4 +17,10 @@ def eval_questions(prompts: dict, tools, cfg: QuestionsConfig) -> pa.Table:
 
 
 def judge_images(questions: pa.Table, tools, cfg: EvalConfig) -> pa.Table:
-    return evaluate.evaluate(questions, tools.model, cfg)
+    """Images drawn by the evaluated model, judged by `tools.judge` (cfg.judge)."""
+    return evaluate.evaluate(questions, tools, cfg)
+
+
+def rejudge_images(eval: pa.Table, tools, cfg: EvalConfig) -> pa.Table:
+    """An eval table's images judged again by `tools.judge` (the gate asks the trained model itself: judge drift)."""
+    return evaluate.rejudge(eval, tools.judge, cfg.batch_size)

@@ -12,6 +12,10 @@ Three rules sit behind `SelectConfig.rule`:
 The per-item rules are pure functions over scores (and, for v2, log-likelihood numbers), so they are checked
 against the scores recorded in the authors' examples without a model. `select_pairs` applies a rule to the stage
 tables and asks `loglik_fn` for every likelihood v2 needs in ONE call, so the model sees full batches.
+
+Image tokens (`SelectConfig.token_source`): the likelihoods and the pairs table's chosen/rejected tokens are the
+sampled ids, or the PNGs re-encoded by the VQ encoder (the paper; `encode_fn`), so the masks and training that read
+the pairs table use the very tokens the selection scored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ Answer = Literal["yes", "no", "tie"]
 # loglik_fn(prompts, image_tokens)[j] = l(x_j, y_j): the mean log-probability of the image tokens y_j under the
 # generation prompt of the SHORT text x_j (spec section 4).
 LoglikFn = Callable[[list[str], list[list[int]]], list[float]]
+# encode_fn(image cells) -> the VQ tokens of each stored PNG (token_source "reencode").
+EncodeFn = Callable[[list[dict]], list[list[int]]]
 
 # The reason codes an item can be rejected with, in the order they are checked.
 REASONS = (
@@ -371,29 +377,34 @@ def select_pairs(
     negatives: pa.Table,
     cfg: SelectConfig,
     loglik_fn: LoglikFn | None = None,
+    encode_fn: EncodeFn | None = None,
 ) -> pa.Table:
     """One PAIRS row per item (sorted by item_id): the selected pair with its scores, or ok=False with a reason.
 
     Reads the ok rows of: images (IMAGES), vqa (VQA; question_set "base" for every image on the base questions,
     "negative_{i}" for base images on negative prompt i's questions, which v2 needs for the chosen image),
     questions (QUESTIONS; the base row's prompt is x_b), negatives (NEGATIVES; x_neg_k). `loglik_fn` is required
-    for rule v2 and called once with every (prompt, image tokens) the rule needs.
+    for rule v2 and called once with every (prompt, image tokens) the rule needs. With `encode_fn` every token list
+    (likelihoods and the pairs table) is the stored PNG re-encoded; without, the sampled ids.
     """
     for name, table in (("images", images), ("vqa", vqa), ("questions", questions), ("negatives", negatives)):
         expected, columns = _READS[name]
         check_schema(table.schema, expected, table=name, columns=columns)
     if cfg.rule == "v2" and loglik_fn is None:
         raise ValueError("rule v2 picks the hardest negatives by image log-likelihood: pass loglik_fn")
+    tokens_of = _token_reader(images, encode_fn)
 
     items = _gather(images, vqa, questions, negatives)
     decided = {item_id: _first_pass(it, cfg) for item_id, it in sorted(items.items())}
     if cfg.rule == "v2":
-        decided.update(_v2_second_pass(items, decided, images, loglik_fn))
+        decided.update(_v2_second_pass(items, decided, tokens_of, loglik_fn))
 
     selected = [(items[i], d) for i, d in decided.items() if isinstance(d, Selection)]
     picks = [it.image_rows[("base", d.chosen_k)] for it, d in selected]
     picks += [it.image_rows[("negative", d.rejected_k)] for it, d in selected]
-    fetched = images.select(["image", "image_tokens"]).take(pa.array(picks, type=pa.int64())).to_pylist()
+    fetched = images.select(["image"]).take(pa.array(picks, type=pa.int64())).to_pylist()
+    for row, tokens in zip(fetched, tokens_of(picks)):
+        row["image_tokens"] = tokens
     chosen_rows, rejected_rows = iter(fetched[: len(selected)]), iter(fetched[len(selected) :])
 
     rows = []
@@ -419,8 +430,24 @@ def select_pairs(
     return to_table(rows, PAIRS)
 
 
+def _token_reader(images: pa.Table, encode_fn: EncodeFn | None) -> Callable[[list[int]], list[list[int]]]:
+    """rows of `images` -> their tokens (sampled, or re-encoded once per row and remembered)."""
+    encoded: dict[int, list[int]] = {}
+
+    def tokens(rows: list[int]) -> list[list[int]]:
+        if encode_fn is None:
+            return images.column("image_tokens").take(pa.array(rows, type=pa.int64())).to_pylist()
+        todo = sorted(set(rows) - set(encoded))
+        if todo:
+            cells = images.column("image").take(pa.array(todo, type=pa.int64())).to_pylist()
+            encoded.update(zip(todo, encode_fn(cells)))
+        return [encoded[r] for r in rows]
+
+    return tokens
+
+
 def _v2_second_pass(
-    items: dict[str, _Item], decided: dict, images: pa.Table, loglik_fn: LoglikFn
+    items: dict[str, _Item], decided: dict, tokens_of: Callable[[list[int]], list[list[int]]], loglik_fn: LoglikFn
 ) -> dict[str, Selection]:
     """Ask the model for every likelihood the v2 candidates need in one call, then pick the hardest negatives.
 
@@ -438,8 +465,7 @@ def _v2_second_pass(
         )
     if not prompts:
         return {}
-    tokens = images.column("image_tokens").take(rows).to_pylist()
-    logps = list(loglik_fn(prompts, tokens))
+    logps = list(loglik_fn(prompts, tokens_of(rows)))
     if len(logps) != len(prompts):
         raise ValueError(f"loglik_fn returned {len(logps)} values for {len(prompts)} (prompt, image) pairs")
     out, at = {}, 0
@@ -454,8 +480,27 @@ def _v2_second_pass(
 
 def select(images: pa.Table, vqa: pa.Table, questions: pa.Table, negatives: pa.Table, tools,
            cfg: SelectConfig) -> pa.Table:
-    """`select_pairs` as a round runs it: rule v2 asks the round's model for the image log-likelihoods."""
-    return select_pairs(images, vqa, questions, negatives, cfg, model_loglik(tools.model) if cfg.rule == "v2" else None)
+    """`select_pairs` as a round runs it: rule v2 asks the round's model for the image log-likelihoods, and with
+    token_source "reencode" its VQ encoder re-encodes the PNGs."""
+    return select_pairs(images, vqa, questions, negatives, cfg, model_loglik(tools.model) if cfg.rule == "v2" else None,
+                        model_encoder(tools.model) if cfg.token_source == "reencode" else None)
+
+
+def model_encoder(bundle, *, batch_size: int = 16) -> EncodeFn:
+    """The production encode_fn: each stored PNG through the bundle's VQ encoder (spec section 4), in batches."""
+    from ospo_core.janus.score import encode_images
+    from ospo_core.records import decode_image
+
+    def encode(cells: list[dict]) -> list[list[int]]:
+        out = []
+        for start in range(0, len(cells), batch_size):
+            images = [decode_image(c) for c in cells[start : start + batch_size]]
+            if any(image is None for image in images):
+                raise ValueError("a selected image's PNG does not decode; the images table is damaged: re-render it")
+            out += encode_images(bundle, images).tolist()
+        return out
+
+    return encode
 
 
 def model_loglik(bundle, *, batch_size: int = 8) -> LoglikFn:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from ospo_core.config import TrainConfig
 from ospo_core.janus.chat import generation_prompt
 from ospo_core.janus.load import JanusBundle
-from ospo_core.janus.score import check_image_tokens, encode_images
+from ospo_core.janus.score import check_image_tokens
 from ospo_core.records import ok_rows
 from ospo_core.train.loss import object_weights
 
@@ -28,8 +26,10 @@ def pairs_to_dataset(
 ) -> Dataset:
     """Selected pairs -> rows of (prompt, rejected_prompt, chosen_tokens, rejected_tokens[, *_weights]).
 
-    Token ids are the sampled ones or the PNGs re-encoded by the VQ encoder (`cfg.token_source`); either way they
-    are checked against the model's codebook and grid, so a pairs table made by another model is refused.
+    The token ids are the pairs table's: the ones the selection scored (sampled, or the PNGs re-encoded, per
+    `SelectConfig.token_source`), checked against the model's codebook and grid, so a pairs table made by another
+    model is refused. With object weighting, a pair without both object masks is skipped (spec section 6):
+    `skipped_without_masks(pairs, masks)` counts them.
     """
     missing = [c for c in REQUIRED if c not in pairs.column_names]
     if missing:
@@ -41,12 +41,14 @@ def pairs_to_dataset(
             "(e.g. relax select.margin, generate more prompts, or use fallback: structured on the tiny model)"
         )
     rows = pairs.to_pylist()
-    if cfg.token_source == "sampled":
-        chosen = check_image_tokens(bundle, [r["chosen_tokens"] for r in rows])
-        rejected = check_image_tokens(bundle, [r["rejected_tokens"] for r in rows])
-    else:
-        chosen = encode_images(bundle, [_png(r["chosen"], r["item_id"]) for r in rows])
-        rejected = encode_images(bundle, [_png(r["rejected"], r["item_id"]) for r in rows])
+    if cfg.object_weighting:
+        masked = _masked_items(masks)
+        rows = [r for r in rows if r["item_id"] in masked]
+        if not rows:
+            raise ValueError("object_weighting is on but no pair has both object masks; look at the masks stage's "
+                             "rejection reasons, or train without object weighting")
+    chosen = check_image_tokens(bundle, [r["chosen_tokens"] for r in rows])
+    rejected = check_image_tokens(bundle, [r["rejected_tokens"] for r in rows])
     data = {
         "item_id": [r["item_id"] for r in rows],
         "prompt": [r["prompt"] for r in rows],
@@ -61,22 +63,27 @@ def pairs_to_dataset(
     return Dataset.from_dict(data)
 
 
-def _png(image: dict, item_id: str) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-    except Exception as exc:  # PIL raises many types for corrupt bytes
-        raise ValueError(f"pair {item_id}: image bytes do not decode as a PNG ({exc})") from exc
-
-
-def _mask_weights(rows, masks: pa.Table | None, grid: int, cfg: TrainConfig):
+def _masked_items(masks: pa.Table | None) -> set[str]:
+    """Items whose chosen and rejected images both have an ok object mask."""
     if masks is None:
         raise ValueError("object_weighting is on but no masks table was given; run the masks stage first")
+    sides: dict[str, set[str]] = {}
+    for m in ok_rows(masks).select(["item_id", "side"]).to_pylist():
+        sides.setdefault(m["item_id"], set()).add(m["side"])
+    return {item for item, found in sides.items() if found >= {"chosen", "rejected"}}
+
+
+def skipped_without_masks(pairs: pa.Table, masks: pa.Table | None) -> int:
+    """How many ok pairs object weighting skips because a mask is missing."""
+    masked = _masked_items(masks)
+    return sum(item not in masked for item in ok_rows(pairs).column("item_id").to_pylist())
+
+
+def _mask_weights(rows, masks: pa.Table, grid: int, cfg: TrainConfig):
     by_key = {(m["item_id"], m["side"]): m["mask"] for m in ok_rows(masks).to_pylist()}
-    zeros = [0.0] * grid * grid
     out = []
     for side in ("chosen", "rejected"):
-        # An item without a mask gets weights of exactly 1 (the all-zero mask reduces to the unweighted mean).
-        grids = torch.tensor([by_key.get((r["item_id"], side), zeros) for r in rows]).view(-1, grid, grid)
+        grids = torch.tensor([by_key[(r["item_id"], side)] for r in rows]).view(-1, grid, grid)
         out.append(object_weights(grids, alpha=cfg.mask_alpha, gamma=cfg.mask_gamma).tolist())
     return out
 

@@ -292,7 +292,8 @@ def ospo_loss(
         chosen_mask: [B, T] 1 on the chosen image-token positions.
         cfg: weights and scales (a TrainConfig is one).
         reference_logps: ``(ℓ_ref(x_c, y_w), ℓ_ref(x_c, y_l))`` from the frozen reference, required when
-            ``cfg.loss == "dpo"``: the pair term is then sigmoid DPO (β₁, the same label smoothing) instead of SimPO.
+            ``cfg.loss == "dpo"``: the pair term is then sigmoid DPO (β = dpo_beta, the same label smoothing)
+            instead of SimPO.
 
     Returns:
         ``(loss, metrics)``: a scalar fp32 loss, and detached fp32 scalars under TRL's names —
@@ -332,7 +333,7 @@ def ospo_loss(
             )
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, *reference_logps, beta=cfg.simpo_beta,
+                chosen_logps, rejected_logps, *reference_logps, beta=cfg.dpo_beta,
                 label_smoothing=cfg.label_smoothing,
             )
         pair_losses = pair_losses + cfg.simpo_weight * losses

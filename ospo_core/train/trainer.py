@@ -8,6 +8,10 @@ keep from TRL: dataset preparation (`_prepare_dataset`), the reference pass with
 One step: the collator stacks the B pairs into 3B rows (x_c, y_w), (x_c, y_l), (x_r, y_w); one forward gives the
 per-token image log-probs of all of them (logits at image positions only); `ospo_loss` does the rest.
 
+Validation. `validation_fraction` of the pairs (a stable hash of item_id) is held out and scored every `eval_steps`
+steps and at the end with the same loss (TRL's `eval_` metrics: loss terms, rewards/margins, accuracies), as the
+authors validate every 50 steps; the history table holds both (the summary plots them, ospo_core.report).
+
 Resume. Every checkpoint records the key of the run that wrote it (`run_key`: the stage's cache key) and the loss
 accumulators the Trainer does not save (`RunRecord`). Only a checkpoint with the same key is resumed, and a resumed
 run logs the same history and final metrics as an uninterrupted one.
@@ -15,9 +19,11 @@ run logs the same history and final metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +42,7 @@ from ospo_core.config import OSPOLossConfig, TrainConfig
 from ospo_core.janus.load import LORA_TARGET_REGEX, JanusBundle, write_adapter_meta
 from ospo_core.janus.score import image_token_logps
 from ospo_core.records import TRAIN_HISTORY
-from ospo_core.train.data import OSPOCollator, pairs_to_dataset, tokenize_prompts
+from ospo_core.train.data import OSPOCollator, pairs_to_dataset, skipped_without_masks, tokenize_prompts
 from ospo_core.train.loss import ospo_loss, weighted_mean_logps
 
 logger = logging.getLogger("ospo.trainer")
@@ -181,7 +187,7 @@ FSDP_WRAP = ["LlamaDecoderLayer", "Embedding", "JanusVQVAEAlignerMLP", "JanusVQV
 
 
 def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device,
-                       data_parallel: Literal["ddp", "fsdp"] = "ddp") -> OSPOConfig:
+                       data_parallel: Literal["ddp", "fsdp"] = "ddp", validate: bool = False) -> OSPOConfig:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     cosine = cfg.lr_scheduler == "cosine"
     return OSPOConfig(
@@ -194,7 +200,9 @@ def ospo_training_args(cfg: TrainConfig, output_dir: Path, device: torch.device,
         warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps) if cosine else 0,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=cfg.accumulation(int(os.environ.get("WORLD_SIZE", "1"))),
+        eval_strategy="steps" if validate else "no", eval_steps=cfg.eval_steps,
+        per_device_eval_batch_size=cfg.batch_size,
         max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=bf16, fp16=False,
@@ -246,6 +254,20 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
+def split_validation(item_ids: list[str], fraction: float, seed: int) -> list[bool]:
+    """Which pairs are held out for validation: those whose stable hash of (seed, item_id) falls below `fraction`;
+    with fraction > 0 and at least 2 pairs, at least one is held out and at least one trains."""
+    if fraction <= 0 or len(item_ids) < 2:
+        return [False] * len(item_ids)
+    u = [int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:12], 16) / 16**12 for i in item_ids]
+    held = [x < fraction for x in u]
+    if not any(held):
+        held[min(range(len(u)), key=u.__getitem__)] = True
+    if all(held):
+        held[max(range(len(u)), key=u.__getitem__)] = False
+    return held
+
+
 def train_ospo(
     pairs: pa.Table,
     bundle: JanusBundle,
@@ -266,16 +288,24 @@ def train_ospo(
     """
     output_dir = Path(output_dir)
     dataset = pairs_to_dataset(pairs, bundle, cfg, masks)
-    args = ospo_training_args(cfg, output_dir, bundle.device, data_parallel)
+    held = split_validation(dataset["item_id"], cfg.validation_fraction, cfg.seed)
+    validation = dataset.select([i for i, h in enumerate(held) if h]) if any(held) else None
+    dataset = dataset.select([i for i, h in enumerate(held) if not h]) if any(held) else dataset
+    counts = {"pairs/train": len(dataset), "pairs/validation": len(validation) if validation is not None else 0,
+              "pairs/skipped_no_mask": skipped_without_masks(pairs, masks) if cfg.object_weighting else 0}
+    logger.info("training on %d pairs, validating on %d, %d skipped without object masks", *counts.values())
+    args = ospo_training_args(cfg, output_dir, bundle.device, data_parallel, validate=validation is not None)
     if args.bf16 is False and bundle.dtype != torch.float32:
         bundle.model.float()  # fp32 training on CPU: bf16 weights would train with bf16 rounding
     trainer = OSPOTrainer(bundle.model, args, dataset, bundle.processor, peft_config=lora_config(cfg),
-                          run_key=run_key, callbacks=callbacks)
+                          run_key=run_key, callbacks=callbacks, eval_dataset=validation)
     trainer.remove_callback(PrinterCallback)  # metrics go to the history table, not to stdout
     if trainer.accelerator.is_main_process:
         claim_checkpoints(output_dir, run_key, resume)
     trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    if validation is not None and trainer.state.global_step % cfg.eval_steps:
+        trainer.evaluate()  # the final model's validation, when the last step was not a validation step
     # Written beside its final name and renamed, so a crash never leaves a half-written adapter behind.
     adapter_dir, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
     # Under data parallelism every process runs this: all take part in gathering the weights (FSDP shards them),
@@ -291,7 +321,7 @@ def train_ospo(
         shutil.rmtree(output_dir / SUPERSEDED, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     # Keys sorted within each log entry: a resumed run's earlier entries come back from JSON with sorted keys.
-    history = [
+    history = [{"step": 0, "metric": key, "value": float(value)} for key, value in counts.items()] + [
         {"step": int(entry["step"]), "metric": key, "value": float(value)}
         for entry in trainer.state.log_history
         for key, value in sorted(entry.items())
