@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pyarrow as pa
 
-from ospo_core import evaluate, templates
+from ospo_core import evaluate, records, templates
 from ospo_core.stages import densify, masks, perturb, prompts, questions, render, select, vqa
 from ospo_core.stages import eval as eval_stage
 from ospo_core.stages import train as train_stage
@@ -85,5 +85,8 @@ ROUND: tuple[Stage, ...] = (PROMPTS, NEGATIVES, DENSE, IMAGES, QUESTIONS, VQA, P
 # Held-out evaluation (flows/evaluate.py): one question sheet per prompt set, then images judged shard by shard.
 EVAL_QUESTIONS = Stage("eval_questions", "eval-questions", eval_stage.eval_questions, reads=("prompts",),
                        code=(evaluate, questions, templates))
-EVAL = Stage("eval", "self-vqa-eval", eval_stage.judge_images, reads=("questions",), code=(evaluate,),
+EVAL = Stage("eval", "judge-eval", eval_stage.judge_images, reads=("questions",), code=(evaluate,), uses=("judge",),
              shard="questions", progress="prompt shards drawn and judged")
+# The same images judged again by another judge (the trained model itself, beside the fixed judge: judge drift).
+REJUDGE = Stage("eval_rejudged", "rejudge-eval", eval_stage.rejudge_images, reads=("eval",), code=(evaluate,),
+                uses=("judge",), shard="eval", progress="eval shards judged again", schema=records.EVAL)

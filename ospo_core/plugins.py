@@ -24,6 +24,9 @@ from ospo_core.config import ExecutionConfig
 from ospo_core.janus import image as janus_image
 from ospo_core.janus import score as janus_score
 from ospo_core.janus import text as janus_text
+from ospo_core.judges.fixed import FixedJudge, janus_answers
+from ospo_core.judges.geneval import GenEvalJudge
+from ospo_core.judges.vqa import VQAJudge
 from ospo_core.stages import densify as densify_stage
 from ospo_core.stages import perturb as perturb_stage
 from ospo_core.stages import prompts as prompts_stage
@@ -47,7 +50,12 @@ class TextWriter(Protocol):
 
 class Judge(Protocol):
     """Answers yes/no questions about images: `answer(rows, questions)[i]` is the Scores of image row i, or None
-    when the image cannot be read at all (a PNG that does not decode)."""
+    when the image cannot be read at all (a PNG that does not decode).
+
+    A judge whose answers depend on weights besides the stage's model says which in `identity` (cache keys); one
+    that scores an image its own way besides the mean of p_yes - p_no (the vqa judge: T2I-CompBench's product, or
+    CLIPScore) has `image_scores(rows, answers) -> [float | None]`, which an evaluation reports as the image's score.
+    """
 
     name: str
     code: tuple
@@ -103,18 +111,7 @@ class SelfJudge:
         self.model = model
 
     def answer(self, rows, questions, batch_size) -> list[Scores | None]:
-        from ospo_core.records import decode_image
-
-        decoded = {}  # an image asked several question sets is decoded once
-        images = [decoded[id(row)] if id(row) in decoded else decoded.setdefault(id(row), decode_image(row["image"]))
-                  for row in rows]
-        readable = [i for i, image in enumerate(images) if image is not None]
-        scores = janus_score.score_yes_no(self.model(), [images[i] for i in readable],
-                                          [questions[i] for i in readable], batch_size=batch_size)
-        out: list[Scores | None] = [None] * len(rows)
-        for i, s in zip(readable, scores):
-            out[i] = s
-        return out
+        return janus_answers(self.model(), rows, questions, batch_size)
 
 
 class VQDecoder:
@@ -133,7 +130,11 @@ class VQDecoder:
 # ---------------------------------------------------------------- registries
 
 WRITERS: dict[str, type] = {"model": ModelWriter, "shapes": shapes.WorldWriter}
-JUDGES: dict[str, type] = {"self": SelfJudge, "oracle": shapes.OracleJudge}
+JUDGES: dict[str, type] = {"self": SelfJudge, "oracle": shapes.OracleJudge, "fixed": FixedJudge,
+                           "geneval": GenEvalJudge, "vqa": VQAJudge}
+# Judges that load their own weights: built with (model loader, source, same) where source is judge_model, or for
+# the fixed judge the round's start model, and `same` says that is the stage's own model.
+JUDGES_WITH_SOURCE = ("fixed", "geneval", "vqa")
 DECODERS: dict[str, type] = {"vq": VQDecoder, "grid": shapes.GridDecoder}
 # RoundConfig.world -> (writer, decoder): one switch selects the testbed world.
 WORLDS: dict[str, tuple[str, str]] = {"paper": ("model", "vq"), "shapes": ("shapes", "grid")}
@@ -160,17 +161,34 @@ class Tools:
         return self.load_model()
 
 
-def assemble(load_model: Callable[[], Any], *, world: str = "paper", judge: str = "self", **fields) -> Tools:
-    """The plug-ins of a round by name: `world` from WORLDS, `judge` from JUDGES; unknown names are refused."""
+def make_judge(name: str, load_model: Callable[[], Any], *, judge_model: str | None = None,
+               start: tuple | None = None, source: tuple | None = None) -> Judge:
+    """Judge `name` from JUDGES. `judge_model` is its weights' folder. Without one, the fixed judge is `start`, the
+    (model, adapters, fingerprint) the round started from, and reuses the stage's model (`source`) when that is it
+    or when no start is given."""
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; choose from {list(JUDGES)}")
+    if name not in JUDGES_WITH_SOURCE:
+        return JUDGES[name](load_model)
+    if name == "fixed" and judge_model is None:
+        same = start is None or tuple(start) == tuple(source or ())
+        return JUDGES[name](load_model, start or source or ("", (), ""), same=same)
+    return JUDGES[name](load_model, judge_model)
+
+
+def assemble(load_model: Callable[[], Any], *, world: str = "paper", judge: str = "self",
+             judge_model: str | None = None, start: tuple | None = None, **fields) -> Tools:
+    """The plug-ins of a round by name: `world` from WORLDS, `judge` from JUDGES (`make_judge`: `judge_model` its
+    folder, `start` the fixed judge's model, by default the stage's own); unknown names are refused."""
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; choose from {list(WORLDS)}")
-    if judge not in JUDGES:
-        raise ValueError(f"unknown judge {judge!r}; choose from {list(JUDGES)}")
+    made = make_judge(judge, load_model, judge_model=judge_model, start=start, source=fields.get("source"))
     writer, decoder = WORLDS[world]
-    return Tools(load_model=load_model, writer=WRITERS[writer](load_model), judge=JUDGES[judge](load_model),
+    return Tools(load_model=load_model, writer=WRITERS[writer](load_model), judge=made,
                  decoder=DECODERS[decoder](load_model), **fields)
 
 
 def tools_for(bundle, *, world: str = "paper", judge: str = "self", **fields) -> Tools:
-    """Tools around a model already in memory (notebooks, tests, the testbed's in-process rounds)."""
+    """Tools around a model already in memory (notebooks, tests, the testbed's in-process rounds); the fixed judge
+    is this model unless `start` or `judge_model` names another."""
     return assemble(lambda: bundle, world=world, judge=judge, **fields)
