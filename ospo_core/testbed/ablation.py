@@ -79,8 +79,9 @@ def round_config(cfg: TestbedConfig, checkpoint: Path, seed: int, round_n: int, 
     document["model"] = str(checkpoint)
     if judge is not None:
         document["vqa"]["judge"] = judge
-    document["prompts"]["seed"] = row_seed(seed, "prompts", round_n)
-    document["render"]["seed"] = row_seed(seed, "render", round_n)
+    # config seeds are 32-bit (row_seed's are 63)
+    document["prompts"]["seed"] = row_seed(seed, "prompts", round_n) % 2**32
+    document["render"]["seed"] = row_seed(seed, "render", round_n) % 2**32
     document["train"] |= {"seed": seed, **TESTBED_SETTINGS[setting]}
     return RoundConfig.model_validate(document)
 
@@ -103,16 +104,20 @@ def _evaluate(cfg: TestbedConfig, bundle: JanusBundle, seed: int, folder: Path) 
 
 
 def round_agreement(data: dict[str, pa.Table]) -> float | None:
-    """Fraction of the round's self-VQA answers (p_yes > p_no) that the oracle gives on the same drawn grid: how
-    well the judge that chose the pairs judged the images it chose them from."""
+    """How well the judge that chose the round's pairs judged the images it chose them from: its answers
+    (p_yes > p_no) against the oracle's on the same drawn grids, as balanced accuracy (the mean of the agreement on
+    the questions whose true answer is yes and on those whose answer is no), since most questions about a middling
+    model's drawings are answered no and a judge that always says no would agree with most of them."""
     grids = {(r["item_id"], r["side"], r["k"]): r["image_tokens"]
              for r in data["images"].select(["item_id", "side", "k", "image_tokens"]).to_pylist()}
     rows = ok_rows(data["vqa"]).select(["item_id", "side", "k", "question", "p_yes", "p_no"]).to_pylist()
-    if not rows:
+    right = {True: [], False: []}
+    for r in rows:
+        truth = answers(grids[(r["item_id"], r["side"], r["k"])], [r["question"]])[0]
+        right[truth].append((r["p_yes"] > r["p_no"]) is truth)
+    if not right[True] or not right[False]:
         return None
-    right = sum(answers(grids[(r["item_id"], r["side"], r["k"])], [r["question"]])[0] is (r["p_yes"] > r["p_no"])
-                for r in rows)
-    return right / len(rows)
+    return (sum(right[True]) / len(right[True]) + sum(right[False]) / len(right[False])) / 2
 
 
 def _rows(summary: dict, log, **keys) -> list[dict]:
@@ -160,7 +165,8 @@ def run_seed(cfg: TestbedConfig, checkpoint: Path, run_dir: Path, seed: int, jud
                 _write({"masks": masks, "train_history": result.history}, folder)
                 bundle = apply_adapter(copy.deepcopy(bundle), result.adapter_dir)
             rows += _rows(_evaluate(cfg, bundle, seed, folder), log, seed=seed, judge=judge, setting=setting,
-                          round=round_n, pairs=pairs, round_agreement=round_agreement(data), train_seconds=seconds)
+                          round=round_n, pairs=pairs, train_seconds=seconds,
+                          round_agreement=None if judge == "oracle" else round_agreement(data))
     return rows
 
 

@@ -68,11 +68,11 @@ def results_table(rows: list[dict]) -> str:
         out.append(f"| {_label(line)} | " + " | ".join(cells + recall) + " |")
     if any(r.get("judge_agreement") is not None for r in rows):
         out += ["", "The model's own judge: agreement with the oracle on 512 balanced held-out questions after each "
-                "round (h), and on the answers that chose the round's pairs (own images, self-judged rounds only), "
-                "and the pairs selected per round (mean over seeds)", "",
+                "round (h), balanced agreement on the answers that chose the round's pairs (own images, self-judged "
+                "rounds only), and the pairs selected per round (mean over seeds)", "",
                 "| setting, judge | " + " | ".join(f"h r{n}" for n in rounds) + " | "
                 + " | ".join(f"own r{n}" for n in rounds[1:]) + " | " + " | ".join(f"pairs r{n}" for n in rounds[1:])
-                + " |", "|---" * (3 * len(rounds)) + "|"]
+                + " |", "|---" * (3 * len(rounds) - 1) + "|"]
         for line in lines_:
             mean = lambda vs, f: f.format(statistics.mean(vs)) if vs else "-"  # noqa: E731
             cells = [mean(_values(rows, line, n, "judge_agreement"), "{:.3f}") for n in rounds]
