@@ -1,12 +1,17 @@
 """GPU benchmarks at Janus-Pro-1B and -7B sizes (random weights, bf16), one JSON result line per point.
 
-For each size: the sampler at 1, 16 and 64 images per batch against transformers' generate and against the
-memory-bandwidth bound (below); self-VQA (image, question) pairs per second, shared prefix vs full forwards; a LoRA
+For each size: the text engine (a perturbation stage's few-shot chats, 128 new tokens, `compile_mode="auto"`) at
+64 and 256 chats per batch against its memory-bandwidth bound; the sampler at 1, 16, 64 and 128 images per batch
+against transformers' generate and against the memory-bandwidth bound (below); self-VQA (image, question) pairs per second, shared prefix vs full forwards; a LoRA
 training step (one 3B-row forward vs three) in tokens/s and model FLOP utilisation; peak memory at every point.
 Run it through `bench/gpu.sh`, which installs the pinned packages first; `--dry-run` runs the same code on the
 CPU at toy size, to check the script without a GPU.
 
-    python -m bench.gpu [--sizes 1b 7b] [--points sampler scoring training] [--batches 1 16 64] [--compile reduce-overhead] [--budget-s 480]
+    python -m bench.gpu [--sizes 1b 7b] [--points text sampler scoring training] [--batches 1 16 64 128]
+                        [--text-batches 64 256] [--compile reduce-overhead] [--budget-s 480]
+
+Text bound: a decode step reads the LM's weights and lm_head once and every row's keys/values (prefix + suffix +
+half the answer on average); b rows give b tokens per step.
 
 Bandwidth bound of the sampler (`ospo_core.janus.image.sampling_bytes_per_step`): a step must read the weights it
 uses once (LM layers, generation head and aligner) and every row's keys/values written so far, T + 287.5 positions
@@ -30,10 +35,15 @@ from functools import partial
 
 import torch
 
+import itertools
+
 from bench import sampler, scoring, training
 from bench.harness import emit
 from bench.models import build_janus_for_bench, parameter_count
 from ospo_core.janus.image import sampling_bytes_per_step
+from ospo_core.janus.memory import kv_bytes_per_position
+from ospo_core.janus.text import generate_tokens
+from ospo_core.templates import negative_chat
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; the first name found in the device name wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
@@ -117,6 +127,36 @@ def sampler_point(bundle, size, batch, modes, bandwidth) -> None:
          fraction_of_bound=round(max(side["images_per_s"] for side in ours) / bound, 3), resident_before_MiB=resident)
 
 
+def text_point(bundle, size, batch, bandwidth, new_tokens: int = 128) -> None:
+    """Our text engine on `batch` perturbation chats at once (CUDA graphs under "auto"): new tokens per second
+    against the bandwidth bound. The first call compiles and is timed apart."""
+    from bench.harness import side_by_side, summary
+
+    places = ("on a table", "in a park", "by the sea")
+    chats = [negative_chat("attribute1_color", "replace", f"a {c} {o} {p}", seed=0)
+             for c, o, p in itertools.product(sampler.COLORS, sampler.OBJECTS, places)][:batch]
+    run = partial(generate_tokens, bundle, chats, greedy=True, max_new_tokens=new_tokens, batch_size=batch,
+                  compile_mode="auto")
+    resident = resident_mib(bundle.device)
+    first, _, _ = side_by_side({"first call (compiles)": run}, 1, bundle.device)
+    times, results, peaks = side_by_side({"ours": run}, 1, bundle.device)
+    tokens = sum(len(row) for row in results["ours"])
+    prompt = len(bundle.tokenizer(bundle.processor.apply_chat_template(chats[0], add_generation_prompt=True,
+                                                                       tokenize=False))["input_ids"])
+    lm = bundle.model.model.language_model
+    weights = sum(p.numel() * p.element_size() for m in (lm.layers, lm.norm, bundle.model.lm_head)
+                  for p in m.parameters())
+    kv = batch * kv_bytes_per_position(bundle.model) * (prompt + new_tokens / 2)
+    bound = batch / ((weights + kv) / bandwidth)  # tokens/s
+    fields = summary("generate_tokens(compile_mode='auto')", times["ours"], peaks["ours"], tokens_per_s=tokens)
+    emit(name="text_engine_vs_bandwidth_bound", baseline={"what": "bandwidth bound", "tokens_per_s": round(bound, 1)},
+         ours=fields, ratios={"fraction_of_bound": round(fields["tokens_per_s"] / bound, 3)},
+         sizes={"model": size, "chats": batch, "prompt_tokens": prompt, "max_new_tokens": new_tokens,
+                "generated_tokens": tokens, "dtype": str(bundle.dtype)},
+         device=bundle.device, first_call_seconds=round(first["first call (compiles)"][0][0], 1),
+         copy_bandwidth_GBps=round(bandwidth / 1e9, 1), resident_before_MiB=resident)
+
+
 def scoring_point(bundle, size, images) -> None:
     resident = resident_mib(bundle.device)
     emit(**scoring.measure(bundle, size, images, 4, repeats=2), resident_before_MiB=resident)
@@ -142,7 +182,9 @@ def run_size(size, args, device, dtype, bandwidth, flops_peak, deadline, failure
     bundle = build_janus_for_bench(size, device=device, dtype=dtype)
     print(f"gpu: built {size} ({parameter_count(bundle.model) / 1e9:.2f}B params) in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    points = [(f"{size}: sampler, batch {batch}",
+    points = [(f"{size}: text, batch {batch}", partial(text_point, bundle, size, batch, bandwidth))
+              for batch in args.text_batches if "text" in args.points]
+    points += [(f"{size}: sampler, batch {batch}",
                partial(sampler_point, bundle, size, batch,
                        (None, *args.compile) if batch in args.compile_batches else (None,), bandwidth))
               for batch in args.batches if "sampler" in args.points]
@@ -161,13 +203,15 @@ def run_size(size, args, device, dtype, bandwidth, flops_peak, deadline, failure
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=sorted(PLAN))
-    parser.add_argument("--points", nargs="+", default=["sampler", "scoring", "training"],
-                        choices=["sampler", "scoring", "training"], help="which benchmarks to run (e.g. to rerun one)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--points", nargs="+", default=["text", "sampler", "scoring", "training"],
+                        choices=["text", "sampler", "scoring", "training"],
+                        help="which benchmarks to run (e.g. to rerun one)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
+    parser.add_argument("--text-batches", nargs="+", type=int, default=[64, 256], help="chats per text batch")
     parser.add_argument("--compile", nargs="*", default=None,
                         help="torch.compile modes to time beside eager (default reduce-overhead; none given: eager "
                              "only; --dry-run: eager only unless given)")
-    parser.add_argument("--compile-batches", nargs="*", type=int, default=[1, 64],
+    parser.add_argument("--compile-batches", nargs="*", type=int, default=[64, 128],
                         help="sampler batch sizes at which the compile modes are timed (each compiles anew)")
     parser.add_argument("--train-pairs", type=int, default=None, help="pairs per training step (default: the plan's)")
     parser.add_argument("--checkpointing", choices=["plan", "on", "off"], default="plan",
@@ -179,7 +223,7 @@ def main(argv=None) -> None:
     if args.compile is None:
         args.compile = [] if args.dry_run else ["reduce-overhead"]
     if args.dry_run:
-        args.sizes, args.batches = ["toy"], [1, 2]
+        args.sizes, args.batches, args.text_batches = ["toy"], [1, 2], [2]
         device, dtype = torch.device("cpu"), torch.float32
     elif not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device (or --dry-run to check the script on the CPU)")

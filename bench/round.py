@@ -129,6 +129,14 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--write-profile", default=None, metavar="NAME")
     args = parser.parse_args(argv)
+    from ospo_cli.main import prefect_api
+
+    with prefect_api():  # the CLI's temporary server (retried start) unless PREFECT_API_URL is set
+        measure(args)
+
+
+def measure(args) -> None:
+    """The round (and for --write-profile the smaller one, and the fit), each reported."""
     from ospo_core.estimate import work
 
     cfg, seconds, wall = run_round(args.size, args.dtype, args.sets)

@@ -96,7 +96,7 @@ def work(cfg: RoundConfig, size: str) -> dict[str, tuple[float, str]]:
     tokens = SIZES[size]["image_tokens"] + PROMPT_TOKENS
     pairs = cfg.train.max_steps * cfg.train.batch_size * cfg.train.accumulation()
     out["train"] = (pairs * 3 * tokens, f"tokens ({cfg.train.max_steps} steps)")
-    return out
+    return {stage: out[stage] for stage in STAGES}
 
 
 def bound_seconds(stage: str, amount: float, size: str, device: dict, chats: float = 0.0,
