@@ -47,6 +47,14 @@ def latest_promoted_model(home: str | None, model: str, adapters: list[str],
     return entry["model"], [*entry["adapters"], entry["adapter"]]
 
 
+@task(name="prune-old-rounds")
+def prune_old_rounds(home: str | None, keep_last: int) -> list[str]:
+    pruned = store.prune_rounds(Path(home) if home else store.ospo_home(), keep_last)
+    if pruned:
+        get_run_logger().info("retention (keep_last=%d): pruned %s", keep_last, ", ".join(pruned))
+    return pruned
+
+
 @flow(name="ospo-self-improve", validate_parameters=True)
 def self_improve(config: SelfImproveConfig = SelfImproveConfig(), home: str | None = None) -> list[dict]:
     manifests = []
@@ -67,4 +75,8 @@ def self_improve(config: SelfImproveConfig = SelfImproveConfig(), home: str | No
         # Promotion gate: promoted only if it got better under the judge and no category got worse.
         entry = promotion_gate(home, round_id, config.gate, before, after, config.eval.judge)
         manifests.append({**manifest, "promoted": entry["promoted"], "decision": entry["decision"]})
+
+        # Retention: old round folders go once the decision is recorded; promoted lineages always stay.
+        if config.keep_last is not None:
+            prune_old_rounds(home, config.keep_last)
     return manifests

@@ -90,6 +90,8 @@ def test_rerun_is_cached_and_a_changed_stage_recomputes_only_what_follows(first_
     states = task_states(retrained.state_details.flow_run_id)
     assert {t: states[t] for t in STAGE_TASKS[:7]} == {t: "Cached" for t in STAGE_TASKS[:7]}
     assert states["train"] == "Completed"
+    # a new adapter, not the old one resumed from the earlier run's checkpoints
+    assert retrained.result()["fingerprint_after"] != again.result()["fingerprint_after"]
 
 
 def test_a_deleted_table_is_recomputed_not_trusted(first_round):
@@ -103,3 +105,68 @@ def test_a_deleted_table_is_recomputed_not_trusted(first_round):
     states = task_states(state.state_details.flow_run_id)
     assert states["questions"] == "Completed" and states["render"] == "Cached"
     assert list(questions.glob("part-*.parquet"))
+
+
+def test_an_edited_shard_is_recomputed_and_said_so(first_round):
+    """A valid but edited shard (two rows dropped) no longer matches the sha256 recorded when it was written: the
+    rerun recomputes that shard alone and the table is whole again."""
+    from flows.round import ospo_round
+
+    home, _ = first_round
+    images = home / "runs" / "r1" / "images"
+    rows = store.read_table(images, SCHEMAS["images"], name="images").num_rows
+    shard = sorted(images.glob("part-*.parquet"))[-1]
+    others = {p: p.stat().st_mtime_ns for p in images.glob("part-*.parquet") if p != shard}
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 2), shard)
+    state = ospo_round(small_config(round_id="r1", select={"margin": -0.5}), home=str(home), return_state=True)
+    assert state.result()["tables"]["images"]["rows"] == rows
+    assert {p: p.stat().st_mtime_ns for p in others} == others  # the intact shards were not redone
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert any(f"{shard.name} changed since it was written" in log.message for log in logs)
+
+
+def test_a_failed_rerun_keeps_the_finished_round_and_records_the_attempt(first_round):
+    """The README's `--set select.rule=v3` on the tiny model selects no pair: the rerun stops with the selection's
+    counts in one message, the finished round's manifest (status, config, adapter) is untouched, and the attempt is
+    recorded as failed."""
+    import json
+
+    from flows.round import ospo_round
+
+    home, _ = first_round
+    manifest = home / "runs" / "r1" / "manifest.json"
+    before = manifest.read_bytes()
+    state = ospo_round(small_config(round_id="r1", select={"rule": "v3", "min_chosen_score": 1.0}), home=str(home),
+                       return_state=True)
+    assert state.is_failed()
+    message = str(state.message)
+    assert "selected no preference pairs" in message and "no_chosen_candidate" in message, message
+    assert manifest.read_bytes() == before and json.loads(before)["status"] == "finished"
+    attempts = [json.loads(p.read_text()) for p in (home / "runs" / "r1" / "attempts").glob("*.json")]
+    failed = [a for a in attempts if a["flow_run_id"] == str(state.state_details.flow_run_id)]
+    assert failed and failed[0]["status"] == "failed" and failed[0]["config"]["select"]["rule"] == "v3"
+    assert store.list_entries(home)[-1]["round_id"] == "r1"  # the registry still lists the finished round
+
+
+def test_the_cpu_estimate_of_this_round_is_within_2x_of_its_measured_time(first_round):
+    """`ospo estimate`'s CPU profile (fixed cost + throughput per stage, fitted by python -m bench.round
+    --write-profile cpu on two demo-preset rounds) against this smaller round's measured stage times."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from ospo_core.estimate import estimate
+
+    _, state = first_round
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    measured = sum(run.total_run_time.total_seconds() for run in runs if run.name.rsplit("-", 1)[0] in STAGE_TASKS)
+    estimated = sum(e.seconds for e in estimate(small_config(round_id="r1"), size="tiny", device="cpu"))
+    assert measured / 2 <= estimated <= 2 * measured, (estimated, measured)
