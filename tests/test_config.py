@@ -162,3 +162,49 @@ def test_round_id_that_walks_out_of_the_runs_folder_is_refused(round_id):
 def test_absurd_step_counts_are_refused(path):
     _refused(RoundConfig, _nested(path, 10**12), path)
     assert RoundConfig.model_validate({"train": {"max_steps": 1_000_000}}).train.max_steps == 1_000_000
+
+
+# ---------------------------------------------------------------- paper and v3 presets against the spec
+
+
+def test_paper_preset_matches_the_spec():
+    from ospo_core.config import PRESETS, SelfImproveConfig
+
+    cfg = RoundConfig.model_validate(PRESETS["paper"])
+    t = cfg.train
+    # spec section 4: 8 pairs per GPU x 4 GPUs x 4 accumulation = 128 pairs per optimizer step, 500 steps
+    assert (t.pairs_per_step, t.max_steps, t.batch_size) == (128, 500, 8)
+    assert [t.accumulation(n) for n in (1, 4, 16)] == [16, 4, 1]
+    # the PNG re-encoded by the VQ encoder is what selection scores and training trains on
+    assert cfg.select.token_source == "reencode" and cfg.select.rule == "v2" and cfg.select.margin == 0.5
+    assert (t.simpo_beta, t.simpo_gamma_ratio, t.copo_beta, t.copo_gamma_ratio) == (3.0, 0.5, 5.0, 0.5)
+    assert (t.simpo_weight, t.copo_weight, t.sft_weight, t.object_weighting) == (0.8, 0.5, 1.5, False)
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.learning_rate) == (32, 64, 0.05, 1e-5)
+    assert (t.adam_beta1, t.adam_beta2, t.lr_scheduler, t.max_grad_norm) == (0.9, 0.95, "constant", 1.0)
+    assert (t.eval_steps, t.logging_steps, t.seed) == (50, 5, 42)  # authors validate every 50 steps
+    assert (cfg.render.cfg_weight, cfg.render.temperature) == (5.0, 1.0)
+    # DPO's usual 0.1 per summed sequence of 576 image tokens, on the mean log-ratio
+    assert t.dpo_beta == pytest.approx(0.1 * 576)
+    loop = SelfImproveConfig()
+    assert loop.lineage == "latest" and loop.eval.judge == "fixed" and cfg.vqa.judge == "self"
+
+
+def test_v3_preset_matches_the_v3_settings():
+    from ospo_core.config import PRESETS
+
+    cfg = RoundConfig.model_validate(PRESETS["v3"])
+    t = cfg.train
+    assert (cfg.select.rule, cfg.select.min_chosen_score) == ("v3", 0.6)
+    assert (t.object_weighting, t.mask_alpha, t.mask_gamma) == (True, 1.0, 1.0)
+    assert (t.simpo_beta, t.simpo_gamma_ratio, t.simpo_weight, t.copo_weight, t.sft_weight) == (5.0, 0.5, 1.0, 0.0, 2.0)
+    assert (t.lora_r, t.lora_alpha) == (64, 128)
+    # 16 per GPU x 8 GPUs x 2 accumulation = 256 pairs per step
+    assert (t.pairs_per_step, t.batch_size, t.accumulation(8)) == (256, 16, 2)
+    assert (t.lr_scheduler, t.learning_rate, t.warmup_ratio, t.min_lr, t.max_steps) == ("cosine", 1e-5, 0.05, 1e-7, 1000)
+    assert (cfg.perturb.temperature, cfg.densify.temperature, cfg.perturb.top_p) == (1.0, 1.0, 0.9)
+
+
+def test_a_step_that_does_not_divide_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="pairs_per_step 128 is not a multiple of batch_size 6 x 1 process"):
+        TrainConfig(batch_size=6).accumulation(1)
+    assert TrainConfig(batch_size=6, gradient_accumulation_steps=3).accumulation(4) == 3  # explicit wins
