@@ -24,9 +24,13 @@ from ospo_cli import ServeError, UsageError, writable_folder
 from ospo_cli.server import die_with_parent, healthy, new_auth_string, stop, wait_healthy
 from ospo_cli.worker import REPO, allowed_deployments
 
+GPU_WORKER = ".venv/bin/python -m ospo_cli.worker --pool ospo-gpu"  # from the checkout, with the server's credentials
 WORK_POOLS = {
     "ospo-cpu": "Process workers on CPU machines: the manual round (the tiny model demo, small jobs).",
-    "ospo-gpu": "Process workers on GPU machines, one per GPU (CUDA_VISIBLE_DEVICES): nightly rounds, evaluation.",
+    "ospo-gpu": "Process workers on GPU machines, one per GPU (CUDA_VISIBLE_DEVICES): nightly rounds, evaluation. "
+                "Not Ready = no GPU worker polls it: its runs wait (a scheduled nightly run goes Late) until one is "
+                f"started on a GPU machine (`{GPU_WORKER}`, or `ospo serve --gpu-worker` there; "
+                "deployments/README.md).",
 }
 GPU_SLOTS = "gpu"  # global concurrency limit the model stages take a slot of (tasks/stages.py), one at a time
 IN_FLIGHT = ("PENDING", "RUNNING", "CANCELLING")
@@ -115,9 +119,13 @@ def serve(host: str, port: int, home: Path, gpu_worker: bool, offline_env: dict[
                  "--name", f"{pool}-{socket.gethostname()}-{os.getpid()}"],
                 env=env, cwd=REPO, start_new_session=True, preexec_fn=die_with_parent())
             children.append((f"{pool} worker", worker))
-        print(f"\nPrefect UI: {address} (user ospo; password: the part after 'ospo:' below)\n"
+        waiting = [name for name, pool in deployment_pools().items() if pool not in pools]
+        print(f"\nPrefect UI: {address} (on first load it asks for the API auth string: paste the whole line below)\n"
               f"API auth string: {auth} (kept in {auth_path}, readable by you only)\n"
               f"deployments: {', '.join(allowed_deployments())}; worker(s) polling {', '.join(pools)}\n"
+              + (f"waiting for a GPU worker: {', '.join(waiting)} (pool ospo-gpu; their runs wait and a scheduled "
+                 f"nightly run goes Late until one polls it): on a GPU machine run `{GPU_WORKER}` from the checkout "
+                 "with the two variables below, or `ospo serve --gpu-worker` there\n" if waiting else "") +
               f"use it from another shell with: export PREFECT_API_URL={api_url} "
               f"PREFECT_API_AUTH_STRING=\"$(cat {auth_path})\"\n"
               "Ctrl-C stops the workers and the server", flush=True)
@@ -143,6 +151,14 @@ def serve(host: str, port: int, home: Path, gpu_worker: bool, offline_env: dict[
                 signal.signal(sig, handler)
     print("stopped")
     return 0
+
+
+def deployment_pools() -> dict[str, str]:
+    """Deployment name -> the work pool prefect.yaml puts it in."""
+    import yaml
+
+    document = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+    return {d["name"]: (d.get("work_pool") or {}).get("name", "") for d in document["deployments"]}
 
 
 def _raise_interrupt(signum, frame):

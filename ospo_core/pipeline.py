@@ -55,19 +55,20 @@ class Stage:
 
 # 1. Initial prompt generation
 PROMPTS = Stage("prompts", "generate-prompts", prompts.generate_prompts, config="prompts", code=(templates,),
-                uses=("writer",))
+                uses=("writer",), progress="prompts accepted of those wanted")
 
 # 2. Hard preference pair generation
 NEGATIVES = Stage("negatives", "perturb", perturb.perturb, reads=("prompts",), config="perturb", code=(templates,),
-                  uses=("writer",), split=True, whole=True)
+                  uses=("writer",), split=True, whole=True, progress="negatives written")
 DENSE = Stage("dense", "densify", densify.densify, reads=("negatives",), config="densify", code=(templates,),
-              uses=("writer",), split=True)
+              uses=("writer",), split=True, progress="dense rewrites written")
 IMAGES = Stage("images", "render", render.render, reads=("dense",), config="render", uses=("decoder",),
                shard="dense", progress="dense shards rendered")
 
 # 3. Filtering and selection
 QUESTIONS = Stage("questions", "questions", questions.generate_questions, reads=("prompts", "negatives"),
-                  config="questions", code=(templates,), uses=("writer",), split=True, whole=True)
+                  config="questions", code=(templates,), uses=("writer",), split=True, whole=True,
+                  progress="question lists written")
 VQA = Stage("vqa", "self-vqa", vqa.self_vqa, reads=("images", "questions"), config="vqa", uses=("judge",),
             shard="images", progress="image shards scored")
 PAIRS = Stage("pairs", "select-pairs", select.select, reads=("images", "vqa", "questions", "negatives"),

@@ -1,5 +1,5 @@
 """The two bookends of a round: open it (folder, model, lineage, the attempt) and close it (manifest, registry,
-summary).
+contact sheet); the flow itself writes the summary artifact (tasks/report.py).
 
 A round's `manifest.json` is its last good state: what `ospo eval`, `ospo rounds` and the registry read. Each run of
 the round is an *attempt*, recorded in `attempts/<started>.json` (config, Prefect run id, status, error); a rerun of a
@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from ospo_core import store
 from ospo_core.config import RoundConfig
 from ospo_core.janus.load import load_janus, merged_fingerprint
-from ospo_core.report import contact_sheet, summary_markdown, table_counts
+from ospo_core.report import contact_sheet, table_counts
 from tasks.context import StageContext, keep_model
-from tasks.report import artifact_key
 from tasks.runner import now_id, read_ref
 
 log = logging.getLogger("ospo.tasks")
@@ -112,8 +110,8 @@ def check_pairs(ctx: StageContext, pairs: dict) -> None:
 
 @task(name="close-round")
 def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | None], promote: bool = True) -> dict:
-    """Manifest with counts and hashes of every table, the registry entry of the new adapter, the summary artifact
-    and the contact sheet (written next to the tables and linked from the summary)."""
+    """Manifest with counts and hashes of every table, the registry entry of the new adapter, and the contact
+    sheet (written next to the tables)."""
     tables = {}
     for name, ref in refs.items():
         if ref is not None:
@@ -158,7 +156,4 @@ def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | N
     })
     _end_attempts((ctx.round_path / "attempts").glob("*.json"), str(flow_run.get_id() or ""), "finished")
     store.unlock_round(ctx.round_path)
-    create_markdown_artifact(key=artifact_key(ctx, "summary"),
-                             markdown=summary_markdown(ctx.round_id, manifest, training, sheet),
-                             description=f"OSPO round {ctx.round_id}")
     return manifest

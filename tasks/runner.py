@@ -33,7 +33,7 @@ from ospo_core import store
 from ospo_core.pipeline import Stage
 from ospo_core.records import SCHEMAS
 from tasks.context import StageCall, StageContext, round_tools, with_oom_backoff
-from tasks.report import Progress, report
+from tasks.report import PICTURE_INPUTS, Progress, report, stage_started
 
 log = logging.getLogger("ospo.tasks")
 
@@ -255,10 +255,34 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+_GPU_LIMITS: dict[str, bool] = {}  # API URL -> whether its `gpu` concurrency limit exists (asked once per process)
+
+
+def gpu_slot():
+    """The `gpu` concurrency slot where the server has that limit (`ospo serve` creates it), so that two rounds on
+    one machine take turns on the accelerator; nothing where it has none (an in-process `ospo run`, whose temporary
+    server runs one round), instead of Prefect's warning in every stage."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value() or ""
+    if api not in _GPU_LIMITS:
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_global_concurrency_limit_by_name("gpu")
+            _GPU_LIMITS[api] = True
+        except ObjectNotFound:
+            _GPU_LIMITS[api] = False
+            log.info("no `gpu` concurrency limit on this Prefect server: stages do not take turns on the accelerator "
+                     "(`ospo serve` creates it; by hand: prefect gcl create gpu --limit 1)")
+    return concurrency("gpu", strict=False) if _GPU_LIMITS[api] else contextlib.nullcontext()
+
+
 class StageTask:
     """A stage declaration as a Prefect task, called with its inputs by name: `perturb(ctx, cfg, prompts=ref)`.
 
-    Model stages take the `gpu` concurrency slot so that two rounds on one machine take turns on the accelerator.
+    Model stages take the `gpu` concurrency slot (`gpu_slot`) so that two rounds on one machine take turns.
     """
 
     def __init__(self, stage: Stage):
@@ -272,19 +296,21 @@ class StageTask:
         stage = self.stage
         started = time.monotonic()
         progress = Progress(ctx, stage.name, stage.progress) if stage.progress else None
-        with concurrency("gpu", strict=False):
+        with gpu_slot(), progress.from_logs() if progress else contextlib.nullcontext():
             manifest, cached = run_stage(stage, ctx, cfg, inputs, progress=progress)
         if cached:
             log.info("%s: cache hit (marker intact), %d rows", stage.name, manifest["rows"])
             return Completed(data=manifest, name="Cached", message="the stage marker and its files are intact")
         rows_in = sum((ref or {}).get("rows") or 0 for ref in inputs.values()) if inputs else None
-        report(ctx, stage.name, manifest, read_ref(manifest), rows_in, time.monotonic() - started)
+        pictured = {name: read_ref(inputs[name]) for name in PICTURE_INPUTS.get(stage.name, ()) if inputs.get(name)}
+        report(ctx, stage.name, manifest, read_ref(manifest), rows_in, time.monotonic() - started, pictured)
         return manifest
 
     def __call__(self, ctx: StageContext, cfg, **inputs: dict | None) -> dict:
         unknown = set(inputs) - set(self.stage.reads)
         if unknown:
             raise TypeError(f"stage {self.stage.name} reads {self.stage.reads}, not {sorted(unknown)}")
+        stage_started(self.stage.name)  # the flow run's "stage k of N"
         result = self.task(ctx, cfg, {name: inputs.get(name) for name in self.stage.reads})
         return result.result() if isinstance(result, State) else result
 

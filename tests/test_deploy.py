@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ospo_core.config import RoundConfig
+from ospo_core.config import preset_config
 from test_flow import small_config
 
 pytestmark = pytest.mark.slow
@@ -87,9 +87,9 @@ def leftovers(served: Served) -> list[str]:
     return alive
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+@contextmanager
+def serving(root: Path):
+    """`ospo serve` on a free port with its own PREFECT_HOME and home under `root`, until the block ends."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     env.pop("PREFECT_API_URL", None)
@@ -114,6 +114,12 @@ def served(tmp_path_factory):
         leftovers(served)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("serve")) as served:
+        yield served
+
+
 def wait_final(served: Served, client, flow_run_id, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while True:
@@ -134,17 +140,23 @@ def test_prefect_yaml_deploys_the_round_nightly_and_eval_with_pools_and_gpu_limi
         pools = {name: client.read_work_pool(name) for name in ("ospo-cpu", "ospo-gpu")}
         gpu_limit = client.read_global_concurrency_limit_by_name("gpu")
 
-    # the run form: RoundConfig with its defaults, ranges and descriptions; the server enforces it
+    # the run form: RoundConfig starting from the demo preset, with ranges and descriptions; the server enforces it
     schema = round_.parameter_openapi_schema
     assert round_.enforce_parameter_schema and round_.parameters == {}
-    assert schema["properties"]["config"]["default"] == RoundConfig().model_dump(mode="json")
+    assert schema["properties"]["config"]["default"] == preset_config("demo").model_dump(mode="json")
+    assert schema["properties"]["preset"]["default"] == "demo" and "paper" in schema["properties"]["preset"]["enum"]
+    assert all(schema["properties"][name].get("description") for name in ("config", "preset", "home", "promote"))
     cfg_weight = schema["definitions"]["RenderConfig"]["properties"]["cfg_weight"]
     assert cfg_weight["minimum"] == 0 and cfg_weight["maximum"] == 50 and "guidance" in cfg_weight["description"]
+    assert cfg_weight["description"].endswith("Range: >= 0, <= 50.")  # the form shows descriptions, not bounds
+    quotas = schema["definitions"]["PromptsConfig"]["properties"]["quotas"]
+    assert quotas["properties"]["color1"] == {"type": "integer", "minimum": 1, "maximum": 1_000_000, "title": "color1"}
     # a worker runs the code of its own checkout, wherever that is on its machine
     assert round_.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $OSPO_REPO }}"}}]
 
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
+    assert "02:00 UTC" in nightly.description and "ospo-gpu" in nightly.description
     assert nightly.enforce_parameter_schema and evaluate.enforce_parameter_schema
     assert (round_.work_pool_name, nightly.work_pool_name, evaluate.work_pool_name) == ("ospo-cpu", "ospo-gpu",
                                                                                         "ospo-gpu")

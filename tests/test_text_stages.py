@@ -11,6 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
+import ospo_core.stages.common as common
 import ospo_core.stages.densify as densify_module
 import ospo_core.stages.perturb as perturb_module
 import ospo_core.stages.prompts as prompts_module
@@ -53,7 +54,9 @@ class Scripted:
 def script(monkeypatch):
     def install(module, answer) -> Scripted:
         fake = Scripted(answer)
-        monkeypatch.setattr(module, "generate_text", fake)
+        for target in (module, common):  # perturb, densify and questions write through common.write_texts
+            if hasattr(target, "generate_text"):
+                monkeypatch.setattr(target, "generate_text", fake)
         return fake
 
     return install

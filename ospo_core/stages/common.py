@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pyarrow as pa
 
+from ospo_core.janus.text import generate_text
 from ospo_core.records import check_schema
 
+log = logging.getLogger("ospo.stages")
+
+# Chats per generate call of a text stage: one log line with the stage's progress after each.
+PROGRESS_CHATS = 512
 # The columns that identify an item in every stage table after PROMPTS.
 ITEM_COLUMNS = ["item_id", "t2i_category", "sub_category"]
 
@@ -40,3 +46,16 @@ def ok_input_rows(
                     f"Rerun the stage that writes '{table_name}', or mark that row ok=False"
                 )
     return rows
+
+
+def write_texts(bundle, chats: list, seeds: list[int], cfg, what: str) -> list[str]:
+    """The model's answers to `chats` (chat i sampled from seeds[i] with cfg's temperature, top_p, token budget and
+    batch size), written PROGRESS_CHATS at a time with a log line after each that carries the progress (`extra`:
+    the UI's progress artifact reads it). An answer depends only on its chat and seed, not on the split."""
+    out: list[str] = []
+    for start in range(0, len(chats), PROGRESS_CHATS):
+        out += generate_text(bundle, chats[start:start + PROGRESS_CHATS], seed=seeds[start:start + PROGRESS_CHATS],
+                             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size)
+        log.info("%s: %d/%d answers written", what, len(out), len(chats), extra={"progress": (len(out), len(chats))})
+    return out

@@ -14,9 +14,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ospo_core.config import DensifyConfig
-from ospo_core.janus.text import generate_text
 from ospo_core.records import DENSE, NEGATIVES, to_table
-from ospo_core.stages.common import ok_input_rows, row_seed
+from ospo_core.stages.common import ok_input_rows, row_seed, write_texts
 from ospo_core.templates import dense_chat
 from ospo_core.templates.parse import ParseError, parse_dense
 
@@ -36,15 +35,8 @@ def densify(negatives: pa.Table, tools, cfg: DensifyConfig) -> pa.Table:
 
 def write_dense(bundle, pairs: list[dict], seeds: list[int], cfg: DensifyConfig) -> pa.Table:
     """The paper's writer: one chat per (item, k) writes both dense prompts; a failed parse fails both."""
-    outputs = generate_text(
-        bundle,
-        [dense_chat(p["sub_category"], p["prompt"], p["negative_prompt"]) for p in pairs],
-        seed=seeds,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-    )
+    outputs = write_texts(bundle, [dense_chat(p["sub_category"], p["prompt"], p["negative_prompt"]) for p in pairs],
+                          seeds, cfg, "dense rewrites")
     rows = []
     for pair, seed, text in zip(pairs, seeds, outputs):
         row = {**pair, "seed": seed, "raw_output": text, "source": "model"}

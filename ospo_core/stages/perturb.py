@@ -21,9 +21,8 @@ import random
 import pyarrow as pa
 
 from ospo_core.config import PerturbConfig
-from ospo_core.janus.text import generate_text
 from ospo_core.records import NEGATIVES, PROMPTS, to_table
-from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
+from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed, write_texts
 from ospo_core.templates import negative_chat, perturbations_for, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_word, parse_negative, word_pattern
 
@@ -55,14 +54,10 @@ def write_negatives(bundle, jobs: list[tuple[dict, int, str, int]], cfg: Perturb
     """The paper's writer: the model answers each job's few-shot chat; a failed parse keeps its reason (or, with
     fallback=structured, is rebuilt from the structure with the round's words)."""
     structured = cfg.fallback == "structured"
-    outputs = generate_text(
+    outputs = write_texts(
         bundle,
         [negative_chat(item["sub_category"], method, item["prompt"], seed=seed) for item, _, method, seed in jobs],
-        seed=[seed for *_, seed in jobs],
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
+        [seed for *_, seed in jobs], cfg, "negatives",
     )
     pools = round_pools(round_items) if structured else {}
     rows = []

@@ -13,6 +13,7 @@ row_seed(cfg.seed, key, "rotation", s), so the table does not depend on `batch_s
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -40,6 +41,8 @@ from ospo_core.templates.parse import (
     parse_relation,
 )
 
+log = logging.getLogger("ospo.stages.prompts")
+
 # The fallback grammar's attribute word lists per run family, and its relation lists per spatial run.
 _ATTRIBUTE_WORDS = {"color": "colors", "shape": "shapes", "texture": "textures"}
 _SPATIAL_WORDS = {"2D_spatial": "relations_2d", "3D_spatial": "relations_3d"}
@@ -56,10 +59,12 @@ def write_prompts(bundle, cfg: PromptsConfig) -> pa.Table:
     """The paper's writer: all twelve runs (those with a non-zero quota), as one PROMPTS table: accepted prompts
     carry item ids."""
     rows: list[dict] = []
+    wanted = sum(cfg.quota_for(key) for key in SUB_CATEGORIES)
     for key in SUB_CATEGORIES:
         quota = cfg.quota_for(key)
         if quota:
-            rows += _run(bundle, cfg, prompt_template(key), quota)
+            done = sum(row["ok"] for row in rows)
+            rows += _run(bundle, cfg, prompt_template(key), quota, (done, wanted))
     counters = dict.fromkeys(CATEGORY_PREFIX, 0)
     for row in rows:  # runs come in the spec's fixed order, so this numbers each category across its runs
         if row["ok"]:
@@ -68,7 +73,8 @@ def write_prompts(bundle, cfg: PromptsConfig) -> pa.Table:
     return to_table(rows, PROMPTS)
 
 
-def _run(bundle, cfg: PromptsConfig, template: PromptTemplate, quota: int) -> list[dict]:
+def _run(bundle, cfg: PromptsConfig, template: PromptTemplate, quota: int, progress: tuple[int, int]) -> list[dict]:
+    """One sub-category's run; `progress` = (prompts accepted by the runs before it, prompts wanted in all)."""
     rows: list[dict] = []
     accepted: list[PromptAnswer] = []
     shots: tuple[PromptAnswer, ...] | None = None  # the template's own shots until the first rotation
@@ -106,6 +112,8 @@ def _run(bundle, cfg: PromptsConfig, template: PromptTemplate, quota: int) -> li
             rows.append(row)
         draws += n
         step += steps
+        log.info("prompts %s: %d/%d accepted of %d drawn", template.key, len(accepted), quota, draws,
+                 extra={"progress": (progress[0] + len(accepted), progress[1])})
     if cfg.fallback == "structured" and len(accepted) < quota:
         rows += _fallback_rows(cfg, template, quota - len(accepted), {a.prompt for a in accepted})
     return rows

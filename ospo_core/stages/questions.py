@@ -16,9 +16,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ospo_core.config import QuestionsConfig
-from ospo_core.janus.text import generate_text
 from ospo_core.records import NEGATIVES, PROMPTS, QUESTIONS, to_table
-from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed
+from ospo_core.stages.common import ITEM_COLUMNS, ok_input_rows, row_seed, write_texts
 from ospo_core.templates import question_chat, with_article
 from ospo_core.templates.parse import ParseError, Structure, number_value, number_word, parse_questions, word_pattern
 
@@ -53,15 +52,8 @@ def write_questions(bundle, jobs: list[dict], cfg: QuestionsConfig, items: list[
     """The paper's writer: one chat per (item, side, k); with fallback=structured a failed parse gets questions
     from the item's relation tuples (base) or from the negative read with the round's words."""
     structured = cfg.fallback == "structured"
-    outputs = generate_text(
-        bundle,
-        [question_chat(job["t2i_category"], job["prompt"]) for job in jobs],
-        seed=[row_seed(cfg.seed, job["item_id"], job["k"]) for job in jobs],
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-    )
+    outputs = write_texts(bundle, [question_chat(job["t2i_category"], job["prompt"]) for job in jobs],
+                          [row_seed(cfg.seed, job["item_id"], job["k"]) for job in jobs], cfg, "questions")
     structures = {i["item_id"]: Structure.from_columns(i) for i in items} if structured else {}
     if structured and round_items is not None:
         round_words = _words(Structure.from_columns(i) for i in round_items)
