@@ -26,12 +26,15 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from ospo_core.config import RoundConfig, apply_preset, preset_config
+from ospo_core.config import PRESETS, RoundConfig, apply_preset, preset_config
 from ospo_core.pipeline import MASKS, ROUND
 from tasks import stages
 from tasks.report import summarize, track_stages
 from tasks.round import check_pairs, close_round, open_round, record_attempt_end
 from tasks.runner import now_id
+
+
+Preset = Literal[tuple(PRESETS)]  # the run form's choice: demo, paper, testbed, ...
 
 
 def round_run_name() -> str:
@@ -43,7 +46,7 @@ def round_run_name() -> str:
 
 @flow(name="ospo-round", flow_run_name=round_run_name, validate_parameters=True, on_failure=[record_attempt_end],
       on_crashed=[record_attempt_end], on_cancellation=[record_attempt_end])
-def ospo_round(config: RoundConfig = preset_config("demo"), preset: Literal["demo", "paper", "testbed"] = "demo",
+def ospo_round(config: RoundConfig = preset_config("demo"), preset: Preset = "demo",
                home: str | None = None, promote: bool = True) -> dict:
     """One OSPO round: prompts, hard negatives, images, self-VQA, preference pairs, LoRA training.
 
@@ -52,8 +55,9 @@ def ospo_round(config: RoundConfig = preset_config("demo"), preset: Literal["dem
             per sub-category, short text budgets and 8 training steps (a few minutes on a CPU). Set `model` to a
             checkpoint folder on the worker's machine to train a real Janus-Pro.
         preset: Where the fields you leave as they are take their values from: demo (the form as shown), paper (the
-            paper's settings: 16,002 prompts, 512-token budgets, 500 training steps; hours on a GPU) or testbed (the
-            shapes world, for a checkpoint made by `ospo testbed`). A field you changed keeps your value.
+            paper's settings: 16,002 prompts, 512-token budgets, 500 training steps; hours on a GPU), testbed (the
+            shapes world, for a checkpoint made by `ospo testbed`) or another preset of ospo_core/config.py. A field
+            you changed keeps your value.
         home: Artifact root on the worker's machine (default: the worker's OSPO_HOME, else ./.ospo in its checkout).
         promote: Register the trained adapter as promoted, so the next round starts from it (the nightly flow
             decides this with its evaluation gate instead).

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from ospo_core.records import decode_image
@@ -143,7 +143,7 @@ def pairs_sheet(pairs: pa.Table) -> Image.Image | None:
 def images_markdown(images: pa.Table, max_rows: int = 6) -> str:
     """Sampled images (render) with the prompt each was drawn from, side and perturbation index: both sides of the
     first items' first negative, so the pictures span several prompts."""
-    first = images.filter(pa.compute.equal(images.column("k"), 0))
+    first = images.filter(pc.equal(images.column("k"), 0))
     rows = (first if first.num_rows else images).slice(0, max_rows).select(["item_id", "side", "k", "prompt", "image"])
     rows = rows.to_pylist()
     lines = ["| image | item | side | k | prompt |", "|---|---|---|---|---|"]

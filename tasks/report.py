@@ -11,10 +11,9 @@ import threading
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute as pc
 from prefect.artifacts import (
-    create_markdown_artifact, create_progress_artifact, create_table_artifact,
-    update_progress_artifact,
+    create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
 )
 from prefect.context import FlowRunContext
 
@@ -62,7 +61,7 @@ def _sample(table: pa.Table) -> pa.Table:
     if "ok" not in table.column_names:
         return table.slice(0, SAMPLE_ROWS)
     ok = table.filter(table.column("ok")).slice(0, SAMPLE_ROWS)
-    rejected = table.filter(pa.compute.invert(table.column("ok"))).slice(0, SAMPLE_ROWS)
+    rejected = table.filter(pc.invert(table.column("ok"))).slice(0, SAMPLE_ROWS)
     keep = min(rejected.num_rows, max(SAMPLE_ROWS - ok.num_rows, 2))  # a stage's rejections are shown too
     return pa.concat_tables([ok.slice(0, SAMPLE_ROWS - keep), rejected.slice(0, keep)])
 

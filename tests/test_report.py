@@ -12,7 +12,7 @@ from PIL import Image
 
 from ospo_core import report
 from ospo_core.config import PRESETS, RoundConfig, apply_preset, nearest_preset, preset_config
-from ospo_core.records import IMAGES, TRAIN_HISTORY, VQA, image_cell, to_table
+from ospo_core.records import EVAL, IMAGES, TRAIN_HISTORY, VQA, image_cell, to_table
 
 
 def test_a_preset_fills_the_fields_left_as_the_form_shows_them_and_keeps_the_changed_ones():
@@ -71,6 +71,12 @@ def test_stage_pictures_show_each_image_with_its_prompt_and_questions():
     (image,) = _png(answered)
     assert image.convert("RGB").getpixel((0, 0)) == (0, 0, 255)  # the negative side's image, asked about
     assert "| base | Is the apple red? | 0.250 | 0.750 | no |" in answered
+    judged = to_table([{"prompt_set": "geneval", "prompt_id": str(i), "category": category, "prompt": f"prompt {i}",
+                        "k": 0, "seed": i, "image": red, "score": score, "all_yes": score > 0, "ok": True}
+                       for i, (category, score) in enumerate([("colors", 0.5), ("counting", -0.25)])], EVAL)
+    bars, *samples = _png(report.eval_markdown(judged))
+    assert bars.width == 480 and len(samples) == 2  # mean score per category, then each image
+    assert "| counting | prompt 1 | -0.250 | no |" in report.eval_markdown(judged)
 
 
 def test_training_curves_plot_the_logged_loss_terms_margins_and_chosen_nll():
@@ -105,3 +111,22 @@ def test_a_text_stage_logs_its_progress_as_it_writes(monkeypatch):
     assert out == [f"answer {s}" for s in range(1000)] and calls == [512, 488]
     assert [r.progress for r in records] == [(512, 1000), (1000, 1000)]
     assert records[-1].getMessage() == "negatives: 1000/1000 answers written"
+
+
+def test_the_summary_links_the_tables_where_ospo_home_is_served_over_http(monkeypatch, tmp_path):
+    from tasks.report import HOME_URL, home_url
+
+    pairs = tmp_path / "runs" / "r1" / "pairs"
+    manifest = {"status": "finished", "path": str(pairs.parent), "model": {"source": "tiny", "adapters": []},
+                "tables": {"pairs": {"path": str(pairs), "counts": {"rows": 3, "ok": 2, "rejected:no_chosen": 1}}}}
+    monkeypatch.delenv(HOME_URL, raising=False)
+    assert home_url(tmp_path, pairs) is None
+    local = report.summary_markdown("r1", manifest, {"loss": 1.5, "grad_norm": 2.0}, preset="demo", scale="small",
+                                    url=lambda path: home_url(tmp_path, path))
+    assert f"| pairs | 3 | 2 | no_chosen: 1 | `{pairs}` |" in local
+    assert "| loss | 1.5 |" in local and "grad_norm" not in local  # the key metrics; all are in train_history
+    monkeypatch.setenv(HOME_URL, "https://files.example/ospo/")
+    assert home_url(tmp_path, pairs) == "https://files.example/ospo/runs/r1/pairs"
+    assert home_url(tmp_path, "/elsewhere/pairs") is None
+    served = report.summary_markdown("r1", manifest, {}, url=lambda path: home_url(tmp_path, path))
+    assert "| [pairs](https://files.example/ospo/runs/r1/pairs) |" in served
