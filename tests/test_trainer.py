@@ -132,6 +132,10 @@ def test_resumed_run_logs_what_an_uninterrupted_run_logs(pairs, tmp_path):
     resumed = train_ospo(pairs, load_janus("tiny", device="cpu"), cfg, run, callbacks=[steps], run_key="k")
     assert steps.ran == [4, 5, 6]  # it continued from checkpoint-3, not from step 1
     _assert_same_history(resumed, full)
+    # one of the 4 pairs is held out and validated at the end (step 6 is no multiple of eval_steps)
+    assert (full.final_metrics["pairs/train"], full.final_metrics["pairs/validation"]) == (3, 1)
+    validated = {r["metric"] for r in full.history.to_pylist() if r["step"] == 6}
+    assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_loss/sft"} <= validated
     losses = [r["value"] for r in full.history.to_pylist() if r["metric"] == "loss"]  # steps 1, 2, 4, 6
     assert full.final_metrics["train_loss"] == pytest.approx((losses[0] + losses[1] + 2 * losses[2] + 2 * losses[3])
                                                              / 6, abs=1e-6)
