@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from ospo_core import store
 from ospo_core.config import RoundConfig
 from ospo_core.janus.load import load_janus, merged_fingerprint
+from ospo_core.stages.prompts import prompt_shortfall
 from ospo_core.report import contact_sheet, table_counts
 from tasks.context import StageContext, keep_model
 from tasks.runner import now_id, read_ref
@@ -137,6 +138,9 @@ def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | N
         "adapter": adapter,
         "fingerprint_after": merged_fingerprint(ctx.fingerprint, adapter),
         "training": training,
+        # the tokens selection, masks and training used (SelectConfig.token_source), and stage 1's shortfall
+        "token_source": config.select.token_source,
+        "prompt_shortfall": prompt_shortfall(read_ref(refs["prompts"]), config.prompts),
         "contact_sheet": str(sheet) if sheet else None,
         "finished": _now(),
         "status": "finished",

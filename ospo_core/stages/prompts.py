@@ -119,6 +119,21 @@ def _run(bundle, cfg: PromptsConfig, template: PromptTemplate, quota: int, progr
     return rows
 
 
+def prompt_shortfall(prompts: pa.Table, cfg: PromptsConfig) -> dict[str, dict[str, int]]:
+    """Sub-categories (the table's, e.g. attribute2 = color2 + shape2 + texture2) that ended below their quota:
+    {sub_category: {"wanted", "accepted", "missing"}}. A run stops after ceil(quota x max_draws_per_item) draws
+    (the spec draws until the quota is met), so a model that often breaks the format falls short; empty = none."""
+    wanted: dict[str, int] = {}
+    for key in SUB_CATEGORIES:
+        if cfg.quota_for(key):
+            sub = prompt_template(key).sub_category
+            wanted[sub] = wanted.get(sub, 0) + cfg.quota_for(key)
+    rows = prompts.select(["sub_category", "ok"]).to_pylist()
+    accepted = {sub: sum(r["ok"] and r["sub_category"] == sub for r in rows) for sub in wanted}
+    return {sub: {"wanted": n, "accepted": accepted[sub], "missing": n - accepted[sub]}
+            for sub, n in wanted.items() if accepted[sub] < n}
+
+
 def _judge(text: str, template: PromptTemplate) -> dict:
     """One draw -> a row, ok unless it fails the spec's parsing or stop-substring rules (dedup is the caller's)."""
     row = {"t2i_category": template.t2i_category, "sub_category": template.sub_category, "raw_output": text,
