@@ -456,10 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "local Janus checkpoint folder")
     run.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
     run.add_argument("--config", help="YAML/JSON file with round settings (see ospo_core/config.py RoundConfig)")
-    run.add_argument("--preset", choices=["demo", "paper", "testbed", "testbed-demo"],
+    run.add_argument("--preset", choices=["demo", "paper", "v3", "testbed", "testbed-demo"],
                      help="starting settings: demo (minutes on a CPU) is the default for --model tiny, testbed-demo "
-                          "(the model judges its own drawings) for --model testbed, else paper; testbed for a "
-                          "checkpoint made by `ospo testbed` (the shapes world)")
+                          "(the model judges its own drawings) for --model testbed, else paper; v3 the authors' 2026 "
+                          "settings (object masks); testbed for a checkpoint made by `ospo testbed` (the shapes world)")
     run.add_argument("--round", help="round id; reuse one to resume a round (finished stages and shards are kept)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.max_steps=20 --set select.rule=v3")
