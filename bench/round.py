@@ -110,8 +110,11 @@ def fit_profile(name: str, size: str, points: list[tuple[dict, dict]]) -> None:
     for stage in secs_a:
         dw, dt = work_a[stage][0] - work_b[stage][0], secs_a[stage] - secs_b[stage]
         if dw > 0 and dt > 0:
-            rates[stage] = round(dw / dt, 4)
-            overhead[stage] = round(max(0.0, secs_b[stage] - work_b[stage][0] / rates[stage]), 2)
+            rate = dw / dt
+            fixed = secs_b[stage] - work_b[stage][0] / rate
+            if fixed < 0:  # noise: no fixed cost, one throughput through both points
+                rate, fixed = (work_a[stage][0] + work_b[stage][0]) / (secs_a[stage] + secs_b[stage]), 0.0
+            rates[stage], overhead[stage] = round(rate, 4), round(fixed, 2)
         else:
             overhead[stage] = round((secs_a[stage] + secs_b[stage]) / 2, 2)
     path = PROFILES / f"{name}.json"
