@@ -11,7 +11,7 @@ from ospo_core import evaluate as ev
 from ospo_core.config import EVAL_DEMO_OVERRIDES, EvalConfig, GateConfig, deep_update
 from ospo_core.judges import geneval as g
 from ospo_core.judges.geneval import Clause, Detection
-from ospo_core.records import EVAL
+from ospo_core.records import EVAL, EVAL_QUESTIONS, to_table
 from ospo_core import store
 
 
@@ -121,7 +121,7 @@ def judge_folders(tmp_path_factory):
     return root
 
 
-def test_geneval_and_vqa_judges_run_end_to_end_through_ospo_eval(prefect, judge_folders, tmp_path, capsys):
+def test_geneval_and_vqa_judges_run_end_to_end_through_ospo_eval(prefect, tiny, judge_folders, tmp_path, capsys):
     from ospo_cli.main import main
     from ospo_core.judges.vqa import VQAJudge
 
@@ -146,15 +146,17 @@ def test_geneval_and_vqa_judges_run_end_to_end_through_ospo_eval(prefect, judge_
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["judge"] == ev.JUDGE_NOTES["geneval"]
 
-    prompts = tmp_path / "mixed.jsonl"  # a non-spatial prompt (CLIPScore) and a colour prompt (BLIP-VQA product)
-    prompts.write_text(json.dumps({"prompt": "a dog holding a cat", "category": "non_spatial"}) + "\n"
-                       + json.dumps({"prompt": "a red dog", "category": "color"}) + "\n")
-    assert main(["eval", "--model", "tiny", "--prompts", str(prompts), "--judge", "vqa",
-                 "--judge-model", str(judge_folders / "vqa"), "--home", str(home)]) == 0
-    rows = store.read_table(next((home / "evals").glob(f"*/{ev.prompt_set_name(str(prompts))}")) / "eval", EVAL,
-                            name="eval").to_pylist()
+    # vqa: a non-spatial prompt (CLIPScore) and a colour prompt (BLIP-VQA product), drawn and judged in process
+    from ospo_core.plugins import tools_for
+
+    rows = [{"prompt_set": "mixed", "prompt_id": str(i), "category": c, "tags": [], "prompt": p,
+             "questions": ["Is there a dog?", "Is the dog red?"], "source": "model", "ok": True}
+            for i, (c, p) in enumerate([("non_spatial", "a dog holding a cat"), ("color", "a red dog")])]
+    cfg = EvalConfig.model_validate(deep_update(EVAL_DEMO_OVERRIDES, {"judge": "vqa"}))
+    tools = tools_for(tiny, judge="vqa", judge_model=str(judge_folders / "vqa"))
+    table = ev.evaluate(to_table(rows, EVAL_QUESTIONS), tools, cfg).to_pylist()
     judge = VQAJudge(None, str(judge_folders / "vqa"))
-    for row in rows:
+    for row in table:
         assert row["ok"] and all(0 < y < 1 and y + n == pytest.approx(1) for y, n in zip(row["p_yes"], row["p_no"]))
         if row["category"] == "non_spatial":  # CLIPScore: the cosine of CLIP's image and prompt embeddings
             assert row["score"] == pytest.approx(judge.image_scores([row], [[(0.5, 0.5)]])[0], abs=1e-5)
@@ -168,7 +170,7 @@ def test_geneval_and_vqa_judges_run_end_to_end_through_ospo_eval(prefect, judge_
 # ---------------------------------------------------------------- a round that only teaches "yes"
 
 
-def _yes_only_adapter(start, folder: Path, steps: int = 6) -> Path:
+def _yes_only_adapter(start, folder: Path, steps: int = 12) -> Path:
     """A LoRA on the language model (and its text head, which the random tiny model needs to say anything with
     confidence) trained only to answer "yes" to the understanding chat (the self-VQA prompt), on noise images and
     GenEval-style questions: what a round that games its own judge would learn."""
@@ -191,6 +193,8 @@ def _yes_only_adapter(start, folder: Path, steps: int = 6) -> Path:
         enc = _encode(bundle, images[step % 4], questions)
         logits = model(**enc, logits_to_keep=1).logits[:, -1].float()  # (Q, V)
         loss = torch.nn.functional.cross_entropy(logits, torch.full((len(questions),), yes))
+        if loss.item() < 0.05:  # p(yes) > 0.95: learnt (and further steps only crawl through denormal gradients)
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
