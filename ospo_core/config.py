@@ -33,7 +33,8 @@ def _ranges_in_descriptions(schema: dict) -> None:
     for prop in schema.get("properties", {}).values():
         # an optional field keeps its bounds in the non-null branch of anyOf
         bounded = [prop, *prop.get("anyOf", []), prop.get("additionalProperties") or {}]
-        bounds = [f"{sign} {_number(b[key])}" for b in bounded if isinstance(b, dict) for key, sign in _BOUNDS if key in b]
+        bounds = [f"{sign} {_number(b[key])}" for b in bounded if isinstance(b, dict)
+                  for key, sign in _BOUNDS if key in b]
         if bounds and "description" in prop and "Range:" not in prop["description"]:
             prop["description"] += f" Range: {', '.join(bounds)}."
 
@@ -389,11 +390,15 @@ class MasksConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=256, description="Images per attention pass (eager attention is memory-hungry).")
 
 
+# The pattern is in the run form's schema too, so the server refuses a bad id before a worker starts.
+RoundId = Annotated[str, Field(pattern=f"^{store._ROUND_ID.pattern}$"), AfterValidator(store.check_round_id)]
+
+
 class RoundConfig(StageConfig):
     """One OSPO self-improvement round: the model writes prompts, builds hard negatives, draws and judges images,
     selects preference pairs and trains a LoRA adapter on them. These fields are the Prefect run form."""
 
-    round_id: Annotated[str, AfterValidator(store.check_round_id)] | None = Field(
+    round_id: RoundId | None = Field(
         None, description="Folder name under OSPO_HOME/runs (1-128 letters, digits, '.', '_' or '-', no '..'); "
         "empty = a new id from the date and time. Reuse an id to resume or re-run a round: finished stages are "
         "cache hits, finished shards are skipped.",

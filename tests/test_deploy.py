@@ -189,16 +189,21 @@ def test_a_round_started_like_the_ui_runs_on_the_worker_and_its_artifacts_come_b
 
     manifest = json.loads((home / "runs" / "ui-round" / "manifest.json").read_text())
     by_key = {a.key: a for a in artifacts}
-    for table in STAGE_TABLES:  # one table artifact per stage: counts first, then sample rows
-        artifact = by_key[f"ui-round-{table}"]
-        summary, *samples = json.loads(artifact.data)
-        assert artifact.type == "table" and samples
-        assert (summary["stage"], summary["rows"]) == (table, manifest["tables"][table]["rows"])
-    train = {row["metric"]: row["final value"] for row in json.loads(by_key["ui-round-train"].data)}
-    assert "loss" in train
+    for table in STAGE_TABLES:  # per stage a stats table and a samples table with the same columns in every row
+        (stats,) = json.loads(by_key[f"ui-round-{table}"].data)
+        assert (stats["stage"], stats["rows"]) == (table, manifest["tables"][table]["rows"])
+        samples = json.loads(by_key[f"ui-round-{table}-samples"].data)
+        assert samples and all(row.keys() == samples[0].keys() for row in samples)
+        accepted = [row for row in samples if row["ok"] == "True"]  # accepted rows first, then rejected ones
+        assert accepted and all(row["item_id"] for row in accepted)  # sample cells are filled, not blank rows
     assert by_key["ui-round-images-progress"].type == "progress" and by_key["ui-round-images-progress"].data == 100
+    for view in ("images", "vqa", "pairs", "train-history"):  # thumbnails the browser can show, not file:// links
+        assert "](data:image/png;base64," in by_key[f"ui-round-{view}-view"].data
     summary = by_key["ui-round-summary"]
     assert summary.type == "markdown" and manifest["tables"]["pairs"]["path"] in summary.data
+    assert "loss" in summary.data and "file://" not in summary.data  # the final training metrics
+    assert summary.task_run_id is None  # the flow's own artifact: first on the run's Artifacts tab
+    assert "ui-round-stages" not in by_key  # the stage count, replaced by the summary when the round finished
 
 
 @pytest.mark.parametrize("config, field_name, reason", [

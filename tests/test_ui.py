@@ -103,6 +103,7 @@ def test_a_round_started_from_the_form_shows_its_summary_tables_and_images(tmp_p
             listed = artifacts.inner_text()
             assert listed.index(f"{round_id}-summary") < min(listed.index(f"{round_id}-{t}") for t in STAGE_TABLES)
             page.screenshot(path=shots / "4-artifacts.png")
+            artifacts.screenshot(path=shots / "4-artifacts-tab.png")  # the tab alone (README's docs/ui-artifacts.png)
 
             # The summary shows the contact sheet and the training curves, as images the browser rendered.
             artifacts.get_by_text(f"{round_id}-summary", exact=True).click()
