@@ -163,6 +163,25 @@ def test_geneval_and_vqa_judges_run_end_to_end_through_ospo_eval(prefect, tiny, 
         else:  # T2I-CompBench's BLIP-VQA score: the product of p_yes
             assert row["score"] == pytest.approx(torch.tensor(row["p_yes"]).prod().item(), abs=1e-6)
 
+    # the same judges in a round's self-VQA stage: a question outside GenEval's grammar stays unanswered, counted
+    from PIL import Image
+
+    from ospo_core.config import VQAConfig
+    from ospo_core.records import IMAGES, QUESTIONS, image_cell
+    from ospo_core.stages.vqa import self_vqa
+
+    image = {"item_id": "0000000", "t2i_category": "layout", "sub_category": "layout2", "side": "base", "k": 0,
+             "image": image_cell(Image.new("RGB", (64, 64), "red")), "ok": True}
+    asked = {"item_id": "0000000", "t2i_category": "layout", "sub_category": "layout2", "side": "base", "k": -1,
+             "questions": ["Are there two dogs?", "Is the mood cheerful?"], "ok": True}
+    vqa = self_vqa(to_table([image], IMAGES), to_table([asked], QUESTIONS),
+                   tools_for(tiny, judge="geneval", judge_model=str(judge_folders / "geneval")), VQAConfig())
+    assert vqa.column("ok").to_pylist() == [True, False]
+    assert vqa.column("reason").to_pylist()[1] == "geneval_unknown_question"
+    vqa = self_vqa(to_table([image], IMAGES), to_table([asked], QUESTIONS),
+                   tools_for(tiny, judge="vqa", judge_model=str(judge_folders / "vqa")), VQAConfig())
+    assert all(vqa.column("ok").to_pylist()) and all(0 < p < 1 for p in vqa.column("p_yes").to_pylist())
+
     with pytest.raises(ValueError, match="no detector/config.json"):
         g.GenEvalJudge(None, str(judge_folders / "vqa"))
 
