@@ -170,20 +170,3 @@ def test_the_cpu_estimate_of_this_round_is_within_2x_of_its_measured_time(first_
     measured = sum(run.total_run_time.total_seconds() for run in runs if run.name.rsplit("-", 1)[0] in STAGE_TASKS)
     estimated = sum(e.seconds for e in estimate(small_config(round_id="r1"), size="tiny", device="cpu"))
     assert measured / 2 <= estimated <= 2 * measured, (estimated, measured)
-
-
-def test_the_cpu_estimate_of_this_round_is_within_2x_of_its_measured_time(first_round):
-    """`ospo estimate`'s CPU profile (fixed cost + throughput per stage, fitted by python -m bench.round
-    --write-profile cpu on two demo-preset rounds) against this smaller round's measured stage times."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from ospo_core.estimate import estimate
-
-    _, state = first_round
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    measured = sum(run.total_run_time.total_seconds() for run in runs if run.name.rsplit("-", 1)[0] in STAGE_TASKS)
-    estimated = sum(e.seconds for e in estimate(small_config(round_id="r1"), size="tiny", device="cpu"))
-    assert measured / 2 <= estimated <= 2 * measured, (estimated, measured)
