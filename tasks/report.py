@@ -230,7 +230,7 @@ def summarize(ctx, config, manifest: dict, seconds: float) -> None:
     markdown = views.summary_markdown(ctx.round_id, manifest, manifest.get("training", {}), preset=preset,
                                       scale=views.round_scale(config), seconds=seconds, images=pictures, url=url)
     create_markdown_artifact(key=artifact_key(ctx, "summary"), markdown=markdown,
-                             description=f"OSPO round {ctx.round_id}: summary")
+                             description=f"OSPO round {ctx.round_id}: summary ({config.model}, preset {preset})")
     count = _ROUNDS.pop(_flow_run_id() or "", None)
     if count is not None:
         count.replaced()
