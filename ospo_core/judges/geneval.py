@@ -149,7 +149,10 @@ def colour_crop(image: Image.Image, detection: Detection) -> Image.Image:
     if detection.mask is not None:
         blank = Image.new("RGB", image.size, color=BACKGROUND)
         image = Image.composite(image, blank, Image.fromarray(detection.mask.astype(np.uint8) * 255))
-    return image.crop(tuple(int(round(v)) for v in detection.box))
+    # GenEval crops to the box as given; a box that is degenerate or outside the image keeps at least one pixel
+    x0, y0, x1, y1 = (int(round(v)) for v in detection.box)
+    x0, y0 = min(max(x0, 0), image.width - 1), min(max(y0, 0), image.height - 1)
+    return image.crop((x0, y0, max(min(x1, image.width), x0 + 1), max(min(y1, image.height), y0 + 1)))
 
 
 # ---------------------------------------------------------------- questions as GenEval clauses
