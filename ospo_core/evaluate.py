@@ -48,7 +48,7 @@ from ospo_core.stages.common import row_seed
 from ospo_core.stages.questions import bind_structure, generate_questions
 from ospo_core.stages.select import answer, local_score
 from ospo_core.templates import vocabulary, with_article
-from ospo_core.templates.parse import NUMBER_WORDS, number_word
+from ospo_core.templates.parse import number_word
 
 JUDGE_NOTES = {
     "self": "Judge: the evaluated model itself (its own yes/no answers, self-VQA), not GenEval's object detector nor "
