@@ -536,11 +536,10 @@ def deep_update(base: dict, overrides: dict) -> dict:
 
 
 class EvalConfig(ImageSamplingConfig):
-    """Held-out evaluation: images for a benchmark's prompts, judged by the model's own yes/no answers (self-VQA).
-    The images are drawn with the same sampling settings as a round's render stage (ImageSamplingConfig).
-
-    The judge is the evaluated model itself, not GenEval's detector nor T2I-CompBench's scorers: the numbers track a
-    model across rounds and are not comparable with published benchmark scores.
+    """Held-out evaluation: images for a benchmark's prompts, drawn with the same sampling settings as a round's
+    render stage (ImageSamplingConfig), answered by `judge` (fixed by default: a round's start model). The self and
+    fixed judges' numbers track models across rounds and are not comparable with published benchmark scores; the
+    geneval judge applies GenEval's own rules when its folder holds GenEval's models.
     """
 
     prompt_set: str = Field(
@@ -582,9 +581,10 @@ class GateConfig(StageConfig):
 
     metric: Literal["mean_score", "all_yes"] = Field(
         "mean_score",
-        description="mean_score: mean over categories of the mean local score (p_yes - p_no averaged over an "
-        "image's questions); smooth, so it moves with few prompts. all_yes: mean over categories of the fraction of "
-        "images whose every answer is yes (GenEval's pass rate under the self-judge); coarse, needs more prompts.",
+        description="mean_score: mean over categories of the mean image score (by default p_yes - p_no averaged "
+        "over an image's questions); smooth, so it moves with few prompts. all_yes: mean over categories of the "
+        "fraction of images whose every answer is yes (GenEval's pass rate under the chosen judge); coarse, needs "
+        "more prompts.",
     )
     min_improvement: float = Field(
         0.01, ge=-2, le=2, description="Promote only if the metric rises by at least this (after - before). Higher "
