@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from ospo_core import evaluate, store
 from ospo_core.config import EvalConfig, GateConfig
 from ospo_core.janus.load import load_janus
-from ospo_core.report import metrics_plot
+from ospo_core.report import embed, metrics_plot
 from tasks.context import StageContext, keep_model
 from tasks.report import artifact_key
 from tasks.runner import read_ref
@@ -130,7 +130,8 @@ def eval_report(ctx: EvalContext, table: dict, judge: str = "self", rejudged: bo
     create_markdown_artifact(key=f"{key}-plot", description=f"metrics across rounds on {prompt_set}", markdown="\n".join([
         f"# {ctx.label} on `{prompt_set}`", "", f"**{metrics.judge}**", "",
         "```", evaluate.metrics_text(metrics), "```", "",
-        f"Metrics across rounds (filled: promoted, hollow: kept but not promoted): [{plot.name}]({plot.as_uri()})",
+        "Metrics across rounds (filled: promoted, hollow: kept but not promoted), also in "
+        f"`{plot}`:", "", embed(image, "metrics across rounds", max_px=900),
         f"", f"Eval table: `{table['path']}`"]))
     get_run_logger().info("%s\n%s", ctx.label, evaluate.metrics_text(metrics))
     return {"metrics": metrics.model_dump(mode="json"), "plot": str(plot), "folder": str(folder)}
