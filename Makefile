@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make run` (one full OSPO round on the built-in tiny model) and
+# The two set-up commands of the README: `make run` (one full OSPO round on the shipped testbed model) and
 # `make test` (the test suite). Both create the virtual environment themselves.
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,8 +21,10 @@ $(BIN)/ospo: pyproject.toml
 
 venv: $(BIN)/ospo
 
+# one OSPO round on the shipped shapes-world testbed model (oracle judge: its own judge is untrained, TESTBED.md);
+# prints held-out accuracy before and after (`ospo run --model tiny`: the random tiny model through every stage)
 run: venv
-	$(BIN)/ospo run --model tiny
+	$(BIN)/ospo run --model testbed
 
 test: venv
 	$(BIN)/python -m pytest

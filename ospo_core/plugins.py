@@ -132,6 +132,7 @@ class VQDecoder:
 WRITERS: dict[str, type] = {"model": ModelWriter, "shapes": shapes.WorldWriter}
 JUDGES: dict[str, type] = {"self": SelfJudge, "oracle": shapes.OracleJudge, "fixed": FixedJudge,
                            "geneval": GenEvalJudge, "vqa": VQAJudge}
+JUDGES["self_grid"] = shapes.GridSelfJudge  # the testbed model judging its own drawings (testbed/judge.py)
 # Judges that load their own weights: built with (model loader, source, same) where source is judge_model, or for
 # the fixed judge the round's start model, and `same` says that is the stage's own model.
 JUDGES_WITH_SOURCE = ("fixed", "geneval", "vqa")
