@@ -314,7 +314,7 @@ def test_evaluate_flow_and_cli_write_tables_metrics_plot_and_artifacts(prefect, 
     eval_id = folder.parent.name
     assert f"{eval_id}-eval-geneval-model-metrics" in keys and f"{eval_id}-eval-geneval-model-metrics-plot" in keys
     markdown = next(a.data for a in plot_md if a.key == f"{eval_id}-eval-geneval-model-metrics-plot")
-    assert Path(result["plot"]).as_uri() in markdown and ev.JUDGE_NOTES["fixed"] in markdown
+    assert result["plot"] in markdown and "](data:image/png;base64," in markdown and ev.JUDGE_NOTES["fixed"] in markdown
 
     user = tmp_path / "prompts.txt"
     user.write_text("a red apple\ntwo cats\n")
