@@ -161,6 +161,10 @@ def test_prefect_yaml_deploys_the_round_nightly_and_eval_with_pools_and_gpu_limi
     assert (round_.work_pool_name, nightly.work_pool_name, evaluate.work_pool_name) == ("ospo-cpu", "ospo-gpu",
                                                                                         "ospo-gpu")
     assert {name: pool.type for name, pool in pools.items()} == {"ospo-cpu": "process", "ospo-gpu": "process"}
+    # a CPU-only serve: the GPU pool says why it is Not Ready, and serve names what waits and how to start a worker
+    assert "Not Ready = no GPU worker polls it" in pools["ospo-gpu"].description
+    assert "waiting for a GPU worker: ospo-nightly, ospo-eval" in served.log()
+    assert "python -m ospo_cli.worker --pool ospo-gpu" in served.log()
     assert gpu_limit.limit == 1 and gpu_limit.active
 
 
