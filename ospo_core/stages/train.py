@@ -26,6 +26,7 @@ class _ReportSteps(TrainerCallback):
 
 def train(pairs: pa.Table, masks: pa.Table | None, tools, cfg: TrainConfig) -> pa.Table:
     out = tools.workdir / "train"
+    cfg.accumulation(tools.execution.num_processes)  # a step that does not divide is refused before any process starts
     model, adapters, fingerprint = tools.source
     if tools.execution.num_processes > 1:
         job = launch.TrainJob(model=model, adapters=adapters, fingerprint=fingerprint,
