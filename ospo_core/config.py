@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ospo_core import store
 
@@ -430,6 +430,11 @@ class RoundConfig(StageConfig):
     # ExecutionConfig is defined below (appended with the scale-out work): the lambda looks it up when called.
     execution: ExecutionConfig = Field(default_factory=lambda: ExecutionConfig(), description="Where the model "
                                        "stages run (this process or a Ray cluster) and how many processes train.")
+
+    @model_validator(mode="after")
+    def _step_divides(self):
+        self.train.accumulation(self.execution.num_processes)  # refused now, not after hours of generation
+        return self
 
 
 # A round that finishes in a few minutes on 2 CPU cores with the tiny model: a few prompts per sub-category,
