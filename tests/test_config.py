@@ -208,3 +208,5 @@ def test_a_step_that_does_not_divide_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="pairs_per_step 128 is not a multiple of batch_size 6 x 1 process"):
         TrainConfig(batch_size=6).accumulation(1)
     assert TrainConfig(batch_size=6, gradient_accumulation_steps=3).accumulation(4) == 3  # explicit wins
+    with pytest.raises(ValidationError, match="not a multiple of batch_size 8 x 3 process"):  # when the round is read
+        RoundConfig.model_validate({"execution": {"num_processes": 3}})
