@@ -318,7 +318,7 @@ class _Detector:
     @torch.no_grad()
     def detect(self, image: Image.Image, queries: list[str]) -> dict[str, list[Detection]]:
         """Every box the detector reports (no threshold yet), by class."""
-        sizes = torch.tensor([[image.height, image.width]])
+        sizes = torch.tensor([[image.height, image.width]], device=self.model.device)  # beside the boxes
         pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.model.device, self.model.dtype)
         if self.zero_shot:
