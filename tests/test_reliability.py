@@ -195,7 +195,7 @@ def test_no_code_unpickles_or_trusts_remote_code():
 # ---------------------------------------------------------------- CUDA out of memory
 
 
-def test_oom_backoff_halves_the_batch_and_training_keeps_pairs_per_step():
+def test_oom_backoff_halves_the_batch_and_training_keeps_pairs_per_step(caplog):
     from ospo_core.config import RenderConfig, TrainConfig
     from tasks.context import with_oom_backoff
 
@@ -210,18 +210,18 @@ def test_oom_backoff_halves_the_batch_and_training_keeps_pairs_per_step():
         return run, seen
 
     run, seen = run_fitting(2)
-    assert with_oom_backoff(run, RenderConfig(batch_size=8), log=lambda m: None) == "done"
+    assert with_oom_backoff(run, RenderConfig(batch_size=8)) == "done"
     assert seen == [(8, None), (4, None), (2, None)]
 
     run, seen = run_fitting(2)
-    messages = []
-    with_oom_backoff(run, TrainConfig(batch_size=6, gradient_accumulation_steps=4), log=messages.append)
+    with caplog.at_level("WARNING", logger="ospo"):
+        with_oom_backoff(run, TrainConfig(batch_size=6, gradient_accumulation_steps=4))
     assert seen == [(6, 4), (3, 8), (1, 24)]  # 24 pairs per optimizer step throughout
-    assert messages[-1] == "CUDA out of memory: retrying with batch_size=1, gradient_accumulation_steps=24"
+    assert caplog.messages[-1] == "CUDA out of memory: retrying with batch_size=1, gradient_accumulation_steps=24"
 
     run, seen = run_fitting(0)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to halve: the stage fails and says why
-        with_oom_backoff(run, RenderConfig(batch_size=2), log=lambda m: None)
+        with_oom_backoff(run, RenderConfig(batch_size=2))
     assert seen == [(2, None), (1, None)]
 
 
