@@ -15,8 +15,10 @@ So the testbed's understanding path is simpler, in the way unified models with o
    from its language-model head at the open assistant turn, exactly as `janus.score.score_yes_no` reads them.
 
 Counting, binding colours to shapes and checking relations are all the language model's, learnt in pre-training
-(`pretrain.pretrain_judge`) from oracle-labelled questions on training captions, and trained further by nothing
-but the rounds' LoRA updates of its drawing: whether the judge drifts as the model draws is measured, not assumed.
+(`pretrain.train_judge`) from oracle-labelled questions on training captions, and trained further by nothing but
+the rounds' LoRA updates of its drawing: whether the judge drifts as the model draws is measured, not assumed. So
+far the judge phase reached 63% agreement with the oracle on balanced held-out questions (target 85%), so the
+shipped model has none (TESTBED.md).
 """
 
 from __future__ import annotations

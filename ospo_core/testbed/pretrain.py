@@ -16,8 +16,8 @@ A third phase, `judge_steps`, teaches the same model to judge (`judge.py`): yes/
 training captions, their perturbations and corrupted copies, answered by the oracle, half of them "yes", trained by
 cross-entropy on the answer token of the language-model head at the open assistant turn; each step also keeps
 `judge_draw_weight` of the noisy phase's drawing loss, so that learning to understand does not unlearn drawing.
-Understanding so runs ahead of generation, as in Janus-Pro: the judge answers most questions right about scenes the
-model mostly draws wrong.
+The aim is understanding ahead of generation, as in Janus-Pro (a judge that answers most questions right about
+scenes the model mostly draws wrong); it is not reached yet, so `judge_steps` is 0 by default (TESTBED.md).
 
 The checkpoint is a normal model folder (`save_janus`), loaded with `load_janus(folder)` like any Janus checkpoint,
 plus `ospo_testbed.json`: the world and the pre-training settings it was made with, so a cached checkpoint is only
