@@ -390,8 +390,10 @@ class MasksConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=256, description="Images per attention pass (eager attention is memory-hungry).")
 
 
-# The pattern is in the run form's schema too, so the server refuses a bad id before a worker starts.
-RoundId = Annotated[str, Field(pattern=f"^{store._ROUND_ID.pattern}$"), AfterValidator(store.check_round_id)]
+# The pattern is in the run form's schema, so the server refuses a bad id before a worker starts; here the store's
+# check validates, as its message names '..' and path separators.
+RoundId = Annotated[str, Field(json_schema_extra={"pattern": f"^{store._ROUND_ID.pattern}$"}),
+                    AfterValidator(store.check_round_id)]
 
 
 class RoundConfig(StageConfig):

@@ -44,7 +44,7 @@ def test_world_is_paper_by_default_and_shapes_in_the_testbed_preset():
     assert RoundConfig().world == "paper"
     assert RoundConfig.model_validate(deep_update({}, PRESETS["testbed"])).world == "shapes"
     assert ShapesAblationConfig().round.world == "shapes"
-    assert TESTBED_OVERRIDES["vqa"] == {"judge": "oracle"}
+    assert TESTBED_OVERRIDES["vqa"]["judge"] == "oracle"
     _refused(RoundConfig, {"world": "testbed"}, "world")
 
 
