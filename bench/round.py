@@ -1,11 +1,13 @@
 """A reduced round end to end through the Prefect flow, each stage's seconds and share: where a round's time goes.
 
-    python -m bench.round [--size tiny|mid|1b|7b] [--dtype bf16] [--set prompts.max_len=4 ...] [--write-profile cpu]
+    python -m bench.round [--size mid|tiny|1b|7b] [--dtype bf16] [--set prompts.max_len=4 ...] [--write-profile cpu]
 
-`--size tiny` runs the built-in model; other sizes are random-weight Janus models at benchmark shapes
-(`bench/models.py`), saved to a checkpoint folder first (`--size 1b --dtype bf16` on a GPU is the GPU smoke round:
-the first full round through the flow on a 1B-shaped checkpoint, `compile_mode: auto`). The round is the demo preset
-(structured fallbacks, short text budgets, 8 training steps) plus `--set` overrides. Each stage's time is its
+The default is the mid-size random Janus (58M parameters, 576 image tokens at 384 px, `bench/models.py`) saved to
+a checkpoint folder, in a reduced round (REDUCED: two prompt sub-categories, one prompt each, 2 training steps; about
+5 minutes on one core); `--size tiny` runs the built-in model on the whole demo preset, and `--size 1b --dtype bf16`
+on a GPU is the GPU smoke round (the first full round through the flow on a 1B-shaped checkpoint, `compile_mode:
+auto`). The round is the demo preset (structured fallbacks, short text budgets, 8 training steps) plus REDUCED for
+the random-weight sizes, plus `--set` overrides. Each stage's time is its
 Prefect task run's; the work per stage is `ospo_core.estimate.work`, so the estimate for the same config is printed
 beside it. `--write-profile NAME` records the measured per-stage throughputs and fixed costs for this size in
 `ospo_core/data/profiles/NAME.json` (what `ospo estimate --device NAME` reads).
@@ -95,6 +97,9 @@ def report(size: str, dtype: str, sets: list[str], cfg, seconds: dict[str, float
     return record
 
 
+# A random-weight model at benchmark size in a round a CPU finishes in minutes: 2 items x 3 negatives, 12 images.
+REDUCED = ['prompts.sub_categories=["color1", "complex"]', "prompts.max_len=1", "train.max_steps=2",
+           "train.save_steps=2", "train.batch_size=2"]
 # The second, smaller round that --write-profile fits against: half the prompts, a third of the tokens and steps.
 SMALL_POINT = ["prompts.max_len=1", "prompts.max_new_tokens=8", "perturb.max_new_tokens=8",
                "densify.max_new_tokens=8", "questions.max_new_tokens=8", "train.max_steps=2", "train.save_steps=2"]
@@ -127,7 +132,7 @@ def fit_profile(name: str, size: str, points: list[tuple[dict, dict]]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=["tiny", "mid", "1b", "7b"])
+    parser.add_argument("--size", default="mid", choices=["tiny", "mid", "1b", "7b"])
     parser.add_argument("--dtype", default="float32", help="bf16 or float32 (random-weight sizes)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--write-profile", default=None, metavar="NAME")
@@ -142,6 +147,8 @@ def measure(args) -> None:
     """The round (and for --write-profile the smaller one, and the fit), each reported."""
     from ospo_core.estimate import work
 
+    if args.size != "tiny":
+        args.sets = [*REDUCED, *args.sets]
     cfg, seconds, wall = run_round(args.size, args.dtype, args.sets)
     report(args.size, args.dtype, args.sets, cfg, seconds, wall, None)
     if args.write_profile:
