@@ -81,7 +81,9 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _end_attempts(paths, flow_run_id: str, status: str, error: str | None = None) -> None:
+def _end_attempts(paths, flow_run_id: str, status: str, error: str | None = None) -> list[Path]:
+    """Mark the running attempts of Prefect run `flow_run_id`; returns their round folders."""
+    ended = []
     for path in paths:
         try:
             attempt = json.loads(path.read_text())
@@ -89,12 +91,17 @@ def _end_attempts(paths, flow_run_id: str, status: str, error: str | None = None
             continue
         if attempt.get("flow_run_id") == flow_run_id and attempt.get("status") == "running":
             store.write_json(path, {**attempt, "status": status, "ended": _now(), "error": error})
+            ended.append(path.parent.parent)
+    return ended
 
 
 def record_attempt_end(flow, run, state) -> None:
-    """Flow hook (failure, crash, cancellation): mark the round's running attempt with how it ended."""
+    """Flow hook (failure, crash, cancellation): mark the round's running attempt with how it ended and release the
+    round's lock (a long-lived worker process must not keep a failed round locked)."""
     home = Path(run.parameters.get("home") or store.ospo_home())
-    _end_attempts(home.glob("runs/*/attempts/*.json"), str(run.id), state.name.lower(), state.message)
+    for round_path in _end_attempts(home.glob("runs/*/attempts/*.json"), str(run.id), state.name.lower(),
+                                    state.message):
+        store.unlock_round(round_path)
 
 
 @task(name="check-pairs")

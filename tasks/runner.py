@@ -66,6 +66,8 @@ def stage_key(stage: Stage, ctx: StageContext, cfg, refs: dict[str, dict | None]
         "stage": stage.name,
         "code": code_version(*code),
         "plugins": {name: p.name for name, p in plugins.items()},
+        # weights a plug-in judges with besides the stage's model (a fixed judge's start model, a detector folder)
+        "plugin_weights": {name: getattr(p, "identity", "") for name, p in plugins.items()},
         "round": [ctx.home, ctx.round_id],
         "model": ctx.fingerprint,
         "shard_rows": ctx.shard_rows,
