@@ -5,10 +5,10 @@
 The default is the mid-size random Janus (58M parameters, 576 image tokens at 384 px, `bench/models.py`) saved to
 a checkpoint folder, in a reduced round (REDUCED: two prompt sub-categories, one prompt each, 2 training steps;
 16 minutes on 2 busy cores, 80% of it rendering); `--size tiny` runs the built-in model on the whole demo preset,
-and `--size 1b --dtype bf16` on a GPU is the GPU smoke round (the first full round through the flow on a 1B-shaped checkpoint, `compile_mode:
-auto`). The round is the demo preset (structured fallbacks, short text budgets, 8 training steps) plus REDUCED for
-the random-weight sizes, plus `--set` overrides. Each stage's time is its
-Prefect task run's; the work per stage is `ospo_core.estimate.work`, so the estimate for the same config is printed
+and `--size 1b --dtype bf16` on a GPU is the GPU smoke round (the first full round through the flow on a 1B-shaped
+checkpoint, `compile_mode: auto`). The round is the demo preset (structured fallbacks, short text budgets, 8 training
+steps) plus REDUCED for the random-weight sizes, plus `--set` overrides. Each stage's time is its Prefect task
+run's; the work per stage is `ospo_core.estimate.work`, so the estimate for the same config is printed
 beside it. `--write-profile NAME` records the measured per-stage throughputs and fixed costs for this size in
 `ospo_core/data/profiles/NAME.json` (what `ospo estimate --device NAME` reads).
 """

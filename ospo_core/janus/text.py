@@ -105,7 +105,8 @@ class SlotCache(Cache):
             layer.values[dst, :, :length] = layer.values[src, :, :length]
 
 
-def text_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+def text_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache: SlotCache) -> torch.Tensor:
     """One decode step: ids (b, 1) at `positions` (b, 1) into `cache` -> next-token logits (b, V), fp32."""
     hidden = model.model.language_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                         use_cache=True).last_hidden_state[:, -1]  # (b, D)
