@@ -3,7 +3,8 @@
 For each size: the text engine (a perturbation stage's few-shot chats, 128 new tokens, `compile_mode="auto"`) at
 64 and 256 chats per batch against its memory-bandwidth bound; the sampler at 1, 16, 64 and 128 images per batch
 against transformers' generate and against the memory-bandwidth bound (below); self-VQA (image, question) pairs per
-second, shared prefix vs full forwards; a LoRA training step (one 3B-row forward vs three) in tokens/s and model FLOP utilisation; peak memory at every point.
+second, shared prefix vs full forwards; a LoRA training step (one 3B-row forward vs three) in tokens/s and model
+FLOP utilisation; peak memory at every point.
 Run it through `bench/gpu.sh`, which installs the pinned packages first; `--dry-run` runs the same code on the
 CPU at toy size, to check the script without a GPU.
 
