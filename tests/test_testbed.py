@@ -217,6 +217,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+JUDGE_AGREEMENT = 0.75  # the shipped judge measured 0.80 on 512 held-out questions
+
+
 @pytest.fixture(scope="module")
 def checkpoint(one_thread):
     """The shipped start model: the default pre-training, so no test (and no user) pre-trains to run a round."""
@@ -232,18 +235,22 @@ def test_the_judge_encoder_reads_drawn_grids_back_and_refuses_other_pictures():
     assert encode_png(Image.new("RGB", (32, 32), "white")) is None
 
 
-def test_the_self_grid_judge_answers_from_the_png_with_the_models_own_probabilities(checkpoint):
-    """The testbed's self judge reads the PNG (not the tokens) and answers with the model's yes/no probabilities
-    (not the oracle's 1/0); a picture that is not a grid drawing cannot be read. The shipped model's judge is
-    untrained (PretrainConfig.judge_steps = 0): its answers are not checked against the oracle here (TESTBED.md)."""
+def test_the_shipped_model_judges_its_own_pngs_mostly_like_the_oracle(checkpoint):
+    """Balanced held-out questions (captions never seen in pre-training) through the self-VQA stage's plug-in: the
+    answers are the model's own probabilities read from the PNGs, and agree with the oracle on JUDGE_AGREEMENT of
+    them (measured 0.80 on 512; the issue's target, 0.85, is not reached yet: TESTBED.md). A picture that is not a
+    grid drawing cannot be read."""
     bundle = load_janus(checkpoint)
-    rows = question_batch(WORLD, random.Random(7), 8, heldout=True)
+    rows = question_batch(WORLD, random.Random(7), 400, heldout=True)
+    assert sum(truth for _, _, truth in rows) == 200  # balanced: always answering yes scores 50%
     images = [{"image": image_cell(draw_scene(scene))} for scene, _, _ in rows]
     images.append({"image": image_cell(Image.new("RGB", (32, 32), "white"))})
     judge = tools_for(bundle, world="shapes", judge="self_grid").judge
-    scores = judge.answer(images, [[q, q] for _, q, _ in rows] + [["Is there one red square?"]], 4)
+    scores = judge.answer(images, [[q] for _, q, _ in rows] + [["Is there one red square?"]], 64)
     assert scores[-1] is None
-    assert all(len(s) == 2 and s[0] == s[1] and 0 < s[0][0] < 1 and 0 < s[0][1] < 1 for s in scores[:-1])
+    assert all(0 < s[0][0] < 1 and 0 < s[0][1] < 1 for s in scores[:-1])  # probabilities, not the oracle's 1/0
+    agree = sum((s[0][0] > s[0][1]) == truth for s, (_, _, truth) in zip(scores, rows)) / len(rows)
+    assert agree >= JUDGE_AGREEMENT, agree
 
 
 def test_the_start_model_is_built_by_one_deterministic_command(tmp_path, one_thread, capsys):
