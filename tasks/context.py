@@ -120,7 +120,7 @@ class StageCall:
         return self.stage.function(**tables, tools=round_tools(self.ctx, cfg, **self.tool_fields), cfg=cfg, **extra)
 
 
-def with_oom_backoff(run: Callable[[Any], pa.Table], cfg) -> pa.Table:
+def with_oom_backoff(run: Callable[..., pa.Table], cfg, *args) -> pa.Table:
     """Run; on a CUDA out-of-memory error halve cfg.batch_size and go on (down to 1), instead of failing the round.
     An "auto" batch size becomes half of what the free-memory rule last chose.
 
@@ -131,7 +131,7 @@ def with_oom_backoff(run: Callable[[Any], pa.Table], cfg) -> pa.Table:
 
     while True:
         try:
-            return run(cfg)
+            return run(cfg, *args)
         except torch.cuda.OutOfMemoryError:
             size = getattr(cfg, "batch_size", 1)
             if size == "auto":  # halve what the free-memory rule chose

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import threading
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -102,15 +103,22 @@ def _curves_picture(table: pa.Table, inputs: dict) -> tuple[str, str | None]:
     return "training curves", views.embed(curves, "training curves", max_px=900) if curves is not None else None
 
 
+def _images_picture(table: pa.Table, inputs: dict) -> tuple[str, str | None]:
+    return "sampled images with their prompts", views.images_markdown(table)
+
+
+def _vqa_picture(table: pa.Table, inputs: dict) -> tuple[str, str | None]:
+    return ("an image with its questions, p_yes and p_no",
+            views.vqa_markdown(table, inputs["images"]) if "images" in inputs else None)
+
+
+def _eval_picture(table: pa.Table, inputs: dict) -> tuple[str, str | None]:
+    return "mean score per category and sample images", views.eval_markdown(table)
+
+
 # stage -> (what it shows, markdown) from the stage's table and its input tables
-PICTURES = {
-    "images": lambda table, inputs: ("sampled images with their prompts", views.images_markdown(table)),
-    "vqa": lambda table, inputs: ("an image with its questions, p_yes and p_no",
-                                  views.vqa_markdown(table, inputs["images"]) if "images" in inputs else None),
-    "pairs": _pairs_picture,
-    "train_history": _curves_picture,
-    "eval": lambda table, inputs: ("mean score per category and sample images", views.eval_markdown(table)),
-}
+PICTURES = {"images": _images_picture, "vqa": _vqa_picture, "pairs": _pairs_picture,
+            "train_history": _curves_picture, "eval": _eval_picture}
 PICTURE_INPUTS = {"vqa": ("images",)}  # the input tables a picture needs besides the stage's own
 
 
@@ -216,7 +224,7 @@ def summarize(ctx, config, manifest: dict, seconds: float) -> None:
     preset, changed = nearest_preset(config)
     if changed:
         preset += f" + {len(changed)} changed field(s): {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}"
-    url = lambda path: home_url(ctx.home, path)  # noqa: E731
+    url = partial(home_url, ctx.home)
     pictures = {}
     sheet_path = manifest.get("contact_sheet")
     if sheet_path and url(sheet_path):  # served: the full-size sheet, not a thumbnail

@@ -82,11 +82,8 @@ def stage_key(stage: Stage, ctx: StageContext, cfg, refs: dict[str, dict | None]
 def file_hash(path: Path) -> str | None:
     if not path.is_file():
         return None
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -150,7 +147,7 @@ def shard_map(ctx: StageContext, stage: Stage, cfg, call: StageCall) -> Iterator
     else:
         def run(parts):
             for part, tables in parts:
-                yield part, with_oom_backoff(lambda c, t=tables: call(c, t), cfg)
+                yield part, with_oom_backoff(call, cfg, tables)
 
         yield run
 
@@ -234,7 +231,7 @@ def run_stage(stage: Stage, ctx: StageContext, cfg, refs: dict[str, dict | None]
         call = StageCall(stage, ctx, tool_fields={
             "workdir": ctx.round_path, "key": key, "progress": progress,
             "table_paths": {name: Path(ref["path"]) for name, ref in refs.items() if ref and "path" in ref}})
-        store.write_table(with_oom_backoff(lambda c: call(c, inputs), cfg), directory, shard=0)
+        store.write_table(with_oom_backoff(call, cfg, inputs), directory, shard=0)
     table = store.read_table(directory, stage.schema or SCHEMAS[stage.name], name=stage.name)
     manifest = {"table": stage.name, "path": str(directory), "rows": table.num_rows,
                 "hash": store.content_hash(table), "key": key}

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from functools import partial
 
 import pyarrow as pa
 import ray
@@ -117,7 +118,7 @@ class ModelReplica:
         if self.work != work.ref.hex():
             self.cfg, self.call = ray.get(work.ref)
             self.work = work.ref.hex()
-        return with_oom_backoff(lambda c: self.call(c, rows), self.cfg)
+        return with_oom_backoff(self.call, self.cfg, rows)
 
 
 _POOL: dict = {}  # this process's replicas: {"key": what they hold, "replicas": [actor handles]}
@@ -164,7 +165,7 @@ def ray_shard_map(ctx: StageContext, stage: str, cfg, call: StageCall):
     log.info("%s: %d model replicas on Ray", stage, len(replicas))
     # The shard tasks only wait on their replica: they take no CPU slot the replicas need.
     with RayTaskRunner(address=ctx.execution.address) as runner, remote_options(num_cpus=0):
-        yield lambda parts: _run_shards(runner, replicas, work, parts)
+        yield partial(_run_shards, runner, replicas, work)
 
 
 def _run_shards(runner: RayTaskRunner, replicas: list, work: StageWork, parts: list) -> Iterator[tuple[int, pa.Table]]:
