@@ -484,7 +484,8 @@ V3_OVERRIDES: dict = {
               "lr_scheduler": "cosine", "warmup_ratio": 0.05, "min_lr": 1e-7, "max_steps": 1000, "save_steps": 100},
 }
 # One testbed round on the shipped start model with the model judging its own drawings (ospo_core.testbed.judge;
-# 80% agreement with the oracle on balanced held-out questions, TESTBED.md).
+# 80% agreement with the oracle on balanced held-out questions). Its rounds select few pairs and have made the
+# drawing worse so far (TESTBED.md), so `ospo run --model testbed` (make run) uses the testbed preset (oracle).
 TESTBED_DEMO_OVERRIDES: dict = {**TESTBED_OVERRIDES, "vqa": {"judge": "self_grid", "batch_size": 64}}
 PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES, "v3": V3_OVERRIDES,
                             "testbed-demo": TESTBED_DEMO_OVERRIDES}
