@@ -21,8 +21,8 @@ $(BIN)/ospo: pyproject.toml
 
 venv: $(BIN)/ospo
 
-# one OSPO round on the shipped shapes-world testbed model (oracle judge: its own judge is untrained, TESTBED.md);
-# prints held-out accuracy before and after (`ospo run --model tiny`: the random tiny model through every stage)
+# one OSPO round on the shipped shapes-world testbed model, judged by the model itself; prints held-out accuracy
+# before and after (`ospo run --model tiny`: the random tiny model through every stage)
 run: venv
 	$(BIN)/ospo run --model testbed
 

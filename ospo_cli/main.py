@@ -121,7 +121,7 @@ def build_round_config(args: argparse.Namespace):
     """Preset, then --config file, then --model/--round, then each --set: validated once, at the end."""
     from ospo_core.config import PRESETS, RoundConfig, deep_update
 
-    preset = args.preset or {"tiny": "demo", "testbed": "testbed"}.get(args.model, "paper")
+    preset = args.preset or {"tiny": "demo", "testbed": "testbed-demo"}.get(args.model, "paper")
     document = copy.deepcopy(PRESETS[preset])  # --set edits it in place: the preset itself must stay as it is
     if args.config:
         document = deep_update(document, read_settings_file(Path(args.config)))
@@ -457,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--home", help="artifact root (default: $OSPO_HOME or ./.ospo)")
     run.add_argument("--config", help="YAML/JSON file with round settings (see ospo_core/config.py RoundConfig)")
     run.add_argument("--preset", choices=["demo", "paper", "v3", "testbed", "testbed-demo"],
-                     help="starting settings: demo (minutes on a CPU) is the default for --model tiny, testbed (the "
-                          "shapes world, oracle judge) for --model testbed, else paper; v3 the authors' 2026 settings "
-                          "(object masks); testbed-demo: a testbed round the model judges itself (TESTBED.md)")
+                     help="starting settings: demo (minutes on a CPU) is the default for --model tiny, testbed-demo "
+                          "(the model judges its own drawings) for --model testbed, else paper; v3 the authors' 2026 "
+                          "settings (object masks); testbed (oracle judge) for a checkpoint made by `ospo testbed`")
     run.add_argument("--round", help="round id; reuse one to resume a round (finished stages and shards are kept)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.max_steps=20 --set select.rule=v3")

@@ -464,7 +464,9 @@ TESTBED_OVERRIDES: dict = {
                 "quotas": {"color1": 9, "color2": 50, "2D_spatial": 96, "numeracy1": 27, "numeracy2": 96,
                            "complex": 96}},
     "vqa": {"judge": "oracle", "batch_size": 64},
-    "select": {"token_source": "sampled"},  # the tokens are scene cells; the PNG is a drawing of them, not a VQ image
+    # margin 0 (answers "yes" / "no", not confidence 0.75): the testbed model's own judge is rarely that confident
+    # about a whole question set (2-3 pairs a round at 0.5, TESTBED.md); the oracle's 1/0 selects the same either way
+    "select": {"token_source": "sampled", "margin": 0.0},  # the tokens are scene cells; the PNG is a drawing of them, not a VQ image
     "render": {"cfg_weight": 1.0, "batch_size": 64},
     "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-4,
               "lora_r": 16, "lora_alpha": 32, "save_steps": 80, "logging_steps": 10, "gradient_checkpointing": False,
@@ -483,9 +485,8 @@ V3_OVERRIDES: dict = {
               "lora_alpha": 128, "pairs_per_step": 256, "batch_size": 16, "learning_rate": 1e-5,
               "lr_scheduler": "cosine", "warmup_ratio": 0.05, "min_lr": 1e-7, "max_steps": 1000, "save_steps": 100},
 }
-# One testbed round on the shipped start model with the model judging its own drawings (ospo_core.testbed.judge;
-# 80% agreement with the oracle on balanced held-out questions). Its rounds select few pairs and have made the
-# drawing worse so far (TESTBED.md), so `ospo run --model testbed` (make run) uses the testbed preset (oracle).
+# `make run` (`ospo run --model testbed`): one testbed round on the shipped start model with the model judging its
+# own drawings (ospo_core.testbed.judge; 80% agreement with the oracle on balanced held-out questions).
 TESTBED_DEMO_OVERRIDES: dict = {**TESTBED_OVERRIDES, "vqa": {"judge": "self_grid", "batch_size": 64}}
 PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES, "v3": V3_OVERRIDES,
                             "testbed-demo": TESTBED_DEMO_OVERRIDES}
