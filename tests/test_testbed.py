@@ -17,7 +17,7 @@ from ospo_core.stages.perturb import perturb
 from ospo_core.stages.prompts import generate_prompts
 from ospo_core.stages.questions import generate_questions
 from ospo_core.stages.vqa import self_vqa
-from ospo_core.testbed.ablation import read_tables, run_testbed
+from ospo_core.testbed.ablation import read_tables, run_ablation, run_testbed
 from ospo_core.testbed.evaluate import score_scene
 from ospo_core.testbed.oracle import answer, oracle_scores
 from ospo_core.janus.load import load_janus
@@ -253,6 +253,14 @@ def test_the_shipped_model_judges_its_own_pngs_mostly_like_the_oracle(checkpoint
     assert agree >= JUDGE_AGREEMENT, agree
 
 
+def test_ospo_run_model_testbed_is_a_self_judged_round_on_the_shipped_model():
+    from ospo_cli.main import build_parser, build_round_config
+
+    config, preset = build_round_config(build_parser().parse_args(["run", "--model", "testbed"]))
+    assert (preset, config.model, config.world, config.vqa.judge) == ("testbed-demo", str(SHIPPED), "shapes",
+                                                                      "self_grid")
+
+
 def test_the_start_model_is_built_by_one_deterministic_command(tmp_path, one_thread, capsys):
     from ospo_cli.main import main
 
@@ -293,6 +301,18 @@ def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
             assert image.width > 200 and image.height > 100
     round_2 = read_tables(run_dir / "seed-0" / "oracle" / "ospo" / "round-2")
     assert {"pairs", "vqa", "train_history", "testbed_eval"} <= set(round_2)
+
+
+@pytest.mark.slow
+def test_two_self_judged_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
+    """Self-improvement: the shipped model judges its own drawings, selects its pairs and trains on them; two rounds
+    of the v2 default raise held-out exact-scene accuracy on seed 0. Measured 0.253 -> 0.344 -> 0.274: the first
+    round gains most, the second gives part of it back as the judge drifts (TESTBED.md)."""
+    cfg = SMALL.model_copy(update={"judges": ["self_grid"]})
+    rows = [r for r in run_ablation(cfg, checkpoint, tmp_path, log=lambda message: None) if r["category"] == "all"]
+    exact = {r["round"]: r["exact"] for r in rows}
+    assert exact[1] >= exact[0] + 0.05 and exact[2] > exact[0], exact
+    assert all(r["pairs"] > 0 for r in rows if r["round"] > 0), rows
 
 
 @pytest.mark.slow
