@@ -171,8 +171,10 @@ def _resume(directory: Path, key: str) -> dict[int, str]:
     kept = {}
     for shard in store.finished_shards(directory):
         path = store.shard_path(directory, shard)
-        if recorded.get(shard) is not None and file_hash(path) == recorded[shard]:
-            kept[shard] = recorded[shard]
+        digest = file_hash(path)
+        if started == key and recorded.get(shard) in (None, digest):
+            # recorded and intact, or written (atomically) by this key's run just before it died, unrecorded
+            kept[shard] = digest
         else:
             if shard in recorded:
                 log.warning("%s: %s changed since it was written; recomputing it", directory.name, path.name)

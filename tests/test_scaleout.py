@@ -85,7 +85,7 @@ def test_a_round_on_ray_writes_the_tables_of_the_single_process_run(rounds):
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_shard_is_restarted_and_the_table_is_complete(rounds, tmp_path):
-    from ospo_core.pipeline import IMAGES, Stage
+    from ospo_core import pipeline
     from ospo_core.stages import render as render_stage
     from tasks.context import StageContext
     from tasks.runner import run_stage
@@ -107,8 +107,9 @@ def test_a_replica_killed_mid_shard_is_restarted_and_the_table_is_complete(round
             os._exit(1)
         return render_stage.render(dense, tools, cfg)
 
-    run_stage(Stage(IMAGES.name, IMAGES.task, render_or_die, reads=IMAGES.reads, uses=IMAGES.uses,
-                    shard=IMAGES.shard), ctx, config.render, {"dense": dense})
+    spec = pipeline.IMAGES
+    run_stage(pipeline.Stage(spec.name, spec.task, render_or_die, reads=spec.reads, uses=spec.uses, shard=spec.shard),
+              ctx, config.render, {"dense": dense})
     assert died.is_file()  # the worker did die mid-stage
     got = store.read_table(tmp_path / "runs" / "r" / "images", IMAGES, name="images")
     assert got.to_pylist() == read(rounds["local"], "images").to_pylist()
@@ -154,7 +155,7 @@ def test_two_training_processes_follow_one_process_with_twice_the_accumulation(p
                            ok=True) for b, r in zip(images[::2], images[1::2])], PAIRS)
     assert pairs.num_rows == 2 * len(ITEMS)  # 12 pairs: 3 steps of 4 are one epoch, no uneven last batch
     base = dict(max_steps=3, save_steps=10, batch_size=2, learning_rate=1e-3, lora_dropout=0.0, logging_steps=1,
-                gradient_checkpointing=False)
+                gradient_checkpointing=False, validation_fraction=0.0)  # every pair trains: 3 steps are one epoch
     runs = {}
     for name, processes, accumulation, data_parallel in (("one", 1, 2, "ddp"), ("ddp", 2, 1, "ddp"),
                                                          ("fsdp", 2, 1, "fsdp")):
