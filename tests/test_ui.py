@@ -78,7 +78,7 @@ def test_a_round_started_from_the_form_shows_its_summary_tables_and_images(tmp_p
 
             # The run is named after its round id once it starts: find it in the list of runs and open it.
             started = time.monotonic()
-            named = page.get_by_role("link", name=re.compile(r"^round-\d{8}-\d{6}$")).first
+            named = page.get_by_role("link", name=re.compile(r"^round-\d{8}-\d{6}$")).filter(visible=True).first
             page.goto(f"{address}/runs")
             while not named.is_visible():
                 assert time.monotonic() - started < RUN_TIMEOUT_S, f"no run named after its round:\n{served.log()}"
