@@ -50,9 +50,10 @@ def contact_sheet(pairs: pa.Table, max_pairs: int = 8, cell: int = 128) -> Image
 
 def summary_markdown(round_id: str, manifest: dict, training: dict[str, float], *, preset: str = "",
                      scale: str = "", seconds: float | None = None, images: dict[str, str] | None = None,
-                     url: Callable[[str], str | None] = lambda path: None) -> str:
+                     estimate: str = "", url: Callable[[str], str | None] = lambda path: None) -> str:
     """The round at a glance: model, preset and scale, lineage, counts per table with where its Parquet files are,
-    the last training metrics, and `images` (title -> markdown image, e.g. `embed(...)`) under their titles.
+    the last training metrics, the wall time `ospo estimate` projected for it (`estimate`, its text) beside the
+    measured one, and `images` (title -> markdown image, e.g. `embed(...)`) under their titles.
     `url(path)` gives an http(s) address of a file or folder where one is served (None: the path is shown)."""
     lineage = manifest.get("model", {})
     took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -80,6 +81,9 @@ def summary_markdown(round_id: str, manifest: dict, training: dict[str, float], 
     if shown:
         lines += ["", "| training metric (last logged; all in train_history) | value |", "|---|---|"]
         lines += [f"| {k} | {training[k]:.4g} |" for k in shown]
+    if estimate:
+        lines += ["", f"**Wall time projected before the run** (`ospo estimate`; measured{took or ': -'})", "",
+                  "```", estimate, "```"]
     for title, image in (images or {}).items():
         lines += ["", f"**{title}**", "", image]
     return "\n".join(lines)

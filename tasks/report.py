@@ -20,6 +20,7 @@ from prefect.context import FlowRunContext
 
 from ospo_core import report as views
 from ospo_core.config import nearest_preset
+from ospo_core.estimate import round_estimate
 from ospo_core.records import SCHEMAS
 from ospo_core.store import read_table
 
@@ -236,7 +237,8 @@ def summarize(ctx, config, manifest: dict, seconds: float) -> None:
     if curves is not None:
         pictures["Training curves"] = views.embed(curves, "training curves", max_px=900)
     markdown = views.summary_markdown(ctx.round_id, manifest, manifest.get("training", {}), preset=preset,
-                                      scale=views.round_scale(config), seconds=seconds, images=pictures, url=url)
+                                      scale=views.round_scale(config), seconds=seconds, images=pictures,
+                                      estimate=round_estimate(config), url=url)
     create_markdown_artifact(key=artifact_key(ctx, "summary"), markdown=markdown,
                              description=f"OSPO round {ctx.round_id}: summary ({config.model}, preset {preset})")
     count = _ROUNDS.pop(_flow_run_id() or "", None)

@@ -7,6 +7,7 @@ does; the last one stops it with SIGINT (Ctrl-C) and checks that nothing it star
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -206,6 +207,9 @@ def test_a_round_started_like_the_ui_runs_on_the_worker_and_its_artifacts_come_b
     summary = by_key["ui-round-summary"]
     assert summary.type == "markdown" and manifest["tables"]["pairs"]["path"] in summary.data
     assert "loss" in summary.data and "file://" not in summary.data  # the final training metrics
+    # the wall time `ospo estimate` projected for this round on this machine, beside the measured one
+    assert "Wall time projected before the run" in summary.data and "estimate (tiny on 1 x cpu)" in summary.data
+    assert re.search(r"^total: \d+\.\d\d h$", summary.data, re.M), summary.data
     assert summary.task_run_id is None  # the flow's own artifact: first on the run's Artifacts tab
     assert "ui-round-stages" not in by_key  # the stage count, replaced by the summary when the round finished
 

@@ -158,10 +158,12 @@ def train_judge(bundle: JanusBundle, cfg: PretrainConfig, world: World = WORLD, 
         optimizer.step()
         schedule.step()
         if (step + 1) % max(1, cfg.judge_steps // 10) == 0 or step + 1 == cfg.judge_steps:
-            log(f"judge step {step + 1}/{cfg.judge_steps}: answer loss {judge_loss.item():.4f} "
+            model.eval()  # no dropout in the testbed model; the held-out questions have their own random stream
+            log(f"judge step {step + 1}/{cfg.judge_steps}: answer loss {judge_loss.item():.4f}, held-out agreement "
+                f"with the oracle {agreement(bundle, heldout):.3f} on 512 balanced questions "
                 f"({time.perf_counter() - started:.0f}s)")
+            model.train()
     model.eval()
-    log(f"judge phase: held-out agreement with the oracle {agreement(bundle, heldout):.3f} on 512 balanced questions")
 
 
 def checkpoint_meta(cfg: PretrainConfig, world: World = WORLD) -> dict:
