@@ -359,7 +359,8 @@ _JUDGES_TEXT = (
 JudgeModel = Annotated[str | None, Field(description="Local folder of the judge's weights (nothing is downloaded): "
                                          "fixed: a Janus checkpoint folder or 'tiny' (default: the round's start "
                                          "model); geneval: a folder with detector/ and clip/; vqa: a folder with vqa/ "
-                                         "and clip/ (transformers format). Unused by self and oracle.")]
+                                         "and clip/ (transformers format); self_grid: a testbed checkpoint folder that answers instead of the "
+                                         "round's model (default: the round's model). Unused by self and oracle.")]
 
 
 class VQAConfig(StageConfig):
@@ -468,7 +469,8 @@ TESTBED_OVERRIDES: dict = {
     # about a whole question set (2-3 pairs a round at 0.5, TESTBED.md); the oracle's 1/0 selects the same either way
     "select": {"token_source": "sampled", "margin": 0.0},  # the tokens are scene cells; the PNG is a drawing of them, not a VQ image
     "render": {"cfg_weight": 1.0, "batch_size": 64},
-    "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-4,
+    # lr 2.5e-4: at 5e-4 self-judged rounds gave back their gain from round 2 on (TESTBED.md)
+    "train": {"max_steps": 80, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2.5e-4,
               "lora_r": 16, "lora_alpha": 32, "save_steps": 80, "logging_steps": 10, "gradient_checkpointing": False,
               "validation_fraction": 0.0},  # the ablation measures held-out captions itself; every pair trains
     "shard_rows": 4096,
@@ -697,6 +699,11 @@ class TestbedConfig(StageConfig):
         ["oracle", "self_grid"], min_length=1, description="Who answers the rounds' questions, each a column of the "
         "table: oracle (exact) or self_grid (the model judging its own drawings, ospo_core.testbed.judge). Replaces "
         "round.vqa.judge.")
+    self_judge: Literal["start", "round"] = Field(
+        "start", description="Which of the model's selves judges in self_grid rounds: start = the checkpoint the "
+        "rounds started from, every round (the model's own understanding before self-improvement, which the rounds' "
+        "drawing updates cannot erode); round = the model that starts each round, whose answers drift as its "
+        "drawing trains (TESTBED.md).")
     eval_samples: int = Field(64, ge=1, le=10_000, description="Scenes drawn per category at each evaluation, over "
                               "the held-out captions. More = a steadier metric (standard error ~ 0.5/sqrt(n)).")
     workers: int = Field(2, ge=1, le=64, description="Seeds run side by side in this many processes (one per core "

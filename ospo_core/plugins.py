@@ -134,8 +134,9 @@ JUDGES: dict[str, type] = {"self": SelfJudge, "oracle": shapes.OracleJudge, "fix
                            "geneval": GenEvalJudge, "vqa": VQAJudge}
 JUDGES["self_grid"] = shapes.GridSelfJudge  # the testbed model judging its own drawings (testbed/judge.py)
 # Judges that load their own weights: built with (model loader, source, same) where source is judge_model, or for
-# the fixed judge the round's start model, and `same` says that is the stage's own model.
-JUDGES_WITH_SOURCE = ("fixed", "geneval", "vqa")
+# the fixed judge the round's start model, and `same` says that is the stage's own model. self_grid loads one only
+# when judge_model names a folder.
+JUDGES_WITH_SOURCE = ("fixed", "geneval", "vqa", "self_grid")
 DECODERS: dict[str, type] = {"vq": VQDecoder, "grid": shapes.GridDecoder}
 # RoundConfig.world -> (writer, decoder): one switch selects the testbed world.
 WORLDS: dict[str, tuple[str, str]] = {"paper": ("model", "vq"), "shapes": ("shapes", "grid")}

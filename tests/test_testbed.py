@@ -20,7 +20,7 @@ from ospo_core.stages.vqa import self_vqa
 from ospo_core.testbed.ablation import read_tables, run_ablation, run_testbed
 from ospo_core.testbed.evaluate import score_scene
 from ospo_core.testbed.oracle import answer, oracle_scores
-from ospo_core.janus.load import load_janus
+from ospo_core.janus.load import JanusBundle, load_janus
 from ospo_core.records import decode_image
 from ospo_core.testbed.judge import encode_png, question_batch
 from ospo_core.testbed.pretrain import SHIPPED, shipped_checkpoint
@@ -252,6 +252,32 @@ def test_the_shipped_model_judges_its_own_pngs_mostly_like_the_oracle(checkpoint
     agree = sum((s[0][0] > s[0][1]) == truth for s, (_, _, truth) in zip(scores, rows)) / len(rows)
     assert agree >= JUDGE_AGREEMENT, agree
 
+
+def test_the_self_judge_can_be_the_start_checkpoint_instead_of_the_round_model(checkpoint):
+    """TestbedConfig.self_judge = "start": the checkpoint the rounds started from answers, whatever the round's model
+    has become, and its folder's weights enter the stage's cache key."""
+    from ospo_core.testbed.ablation import round_config
+    from ospo_core.testbed.model import build_testbed_janus
+
+    shipped = load_janus(checkpoint)
+    untrained, processor = build_testbed_janus(WORLD, 1, 128, 4)  # stands for a round model whose judge has drifted
+    drifted = JanusBundle(untrained, processor, fingerprint="drifted", source="testbed")
+    rows = question_batch(WORLD, random.Random(3), 16, heldout=True)
+    images = [{"image": image_cell(draw_scene(scene))} for scene, _, _ in rows]
+    questions = [[q] for _, q, _ in rows]
+    anchored = tools_for(drifted, world="shapes", judge="self_grid", judge_model=str(checkpoint)).judge
+    assert anchored.answer(images, questions, 8) == tools_for(shipped, world="shapes", judge="self_grid").judge.answer(
+        images, questions, 8)
+    assert anchored.answer(images, questions, 8) != tools_for(drifted, world="shapes", judge="self_grid").judge.answer(
+        images, questions, 8)
+    assert str(checkpoint) in anchored.identity
+    assert tools_for(drifted, world="shapes", judge="self_grid").judge.identity == ""
+
+    cfg = configs.TestbedConfig()
+    assert round_config(cfg, checkpoint, 0, 3, "ospo", "self_grid").vqa.judge_model == str(checkpoint)
+    assert round_config(cfg.model_copy(update={"self_judge": "round"}), checkpoint, 0, 3, "ospo",
+                        "self_grid").vqa.judge_model is None
+    assert round_config(cfg, checkpoint, 0, 3, "ospo", "oracle").vqa.judge_model is None
 
 def test_ospo_run_model_testbed_is_a_self_judged_round_on_the_shipped_model():
     from ospo_cli.main import build_parser, build_round_config

@@ -58,7 +58,7 @@ from ospo_core.train.trainer import train_ospo
 
 def round_data(config: RoundConfig, bundle: JanusBundle) -> dict[str, pa.Table]:
     """Stages 1-3 of a round (prompts -> pairs) with the round's start model, as flows/round.py orders them."""
-    tools = tools_for(bundle, world=config.world, judge=config.vqa.judge)
+    tools = tools_for(bundle, world=config.world, judge=config.vqa.judge, judge_model=config.vqa.judge_model)
     prompts = generate_prompts(tools, config.prompts)
     negatives = perturb(prompts, tools, config.perturb)
     dense = densify(negatives, tools, config.densify)
@@ -79,6 +79,8 @@ def round_config(cfg: TestbedConfig, checkpoint: Path, seed: int, round_n: int, 
     document["model"] = str(checkpoint)
     if judge is not None:
         document["vqa"]["judge"] = judge
+    if document["vqa"]["judge"] == "self_grid" and cfg.self_judge == "start":
+        document["vqa"]["judge_model"] = str(checkpoint)
     # config seeds are 32-bit (row_seed's are 63)
     document["prompts"]["seed"] = row_seed(seed, "prompts", round_n) % 2**32
     document["render"]["seed"] = row_seed(seed, "render", round_n) % 2**32

@@ -9,9 +9,13 @@ the model judging its own PNGs instead (`judge.py`), as OSPO's self-VQA does.
 
 from __future__ import annotations
 
+import functools
+
 import pyarrow as pa
 
+from ospo_core.janus.load import load_janus
 from ospo_core.janus.memory import CPU_BATCH
+from ospo_core.judges.folders import folder_identity
 from ospo_core.testbed import judge, oracle, render, text, world
 
 
@@ -52,15 +56,25 @@ class OracleJudge:
 
 class GridSelfJudge:
     """The testbed model answers from the decoded PNG: each cell re-encoded to its code, read by the model's own
-    language model (`judge.py`). A PNG that does not decode, or is not a grid drawing, gets None."""
+    language model (`judge.py`). A PNG that does not decode, or is not a grid drawing, gets None.
+
+    `judge_model`, a testbed checkpoint folder, answers instead of the stage's model: the model as it was before
+    self-improvement (`TestbedConfig.self_judge = "start"`), whose understanding the rounds' drawing updates cannot
+    erode (TESTBED.md measures that they do)."""
 
     name = "self_grid"
     code = (judge, render, world)
     columns = ()
     unknown_reason = "unreadable_question"  # never used: the model answers any question
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, judge_model: str | None = None):
+        self.folder = judge_model
+        self.model = model if judge_model is None else functools.cache(lambda: load_janus(judge_model))
+
+    @property
+    def identity(self) -> str:
+        """What the answers depend on besides the stage's model (cache keys): the judge folder's weights."""
+        return "" if self.folder is None else f"{self.folder}:{folder_identity(self.folder)}"
 
     def answer(self, rows, questions, batch_size):
         from ospo_core.records import decode_image
