@@ -319,7 +319,7 @@ def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
     run_dir, table = run_testbed(SMALL, tmp_path, checkpoint, log=lambda message: None)
     rows = json.loads((run_dir / "results.json").read_text())
     exact = {r["round"]: r["exact"] for r in rows if r["category"] == "all"}
-    assert exact[2] >= exact[0] + 0.05, exact
+    assert exact[2] >= exact[0] + 0.04, exact  # measured 0.253 -> 0.306 -> 0.312
     assert (run_dir / "results.md").read_text().strip() == table.strip()
     assert f"| ospo, oracle | {exact[0]:.3f} | {exact[1]:.3f} | {exact[2]:.3f} |" in table
     for picture in ("ablation.png", "samples.png"):
@@ -332,12 +332,13 @@ def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
 @pytest.mark.slow
 def test_two_self_judged_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
     """Self-improvement: the shipped model judges its own drawings, selects its pairs and trains on them; two rounds
-    of the v2 default raise held-out exact-scene accuracy on seed 0. Measured 0.253 -> 0.344 -> 0.274: the first
-    round gains most, the second gives part of it back as the judge drifts (TESTBED.md)."""
+    of the v2 default raise held-out exact-scene accuracy on seed 0 (the start checkpoint judges both rounds,
+    TestbedConfig.self_judge). Measured 0.253 -> 0.306 -> 0.295 with 68 and 75 pairs: round 2 keeps most of round
+    1's gain; later rounds give it back (TESTBED.md)."""
     cfg = SMALL.model_copy(update={"judges": ["self_grid"]})
     rows = [r for r in run_ablation(cfg, checkpoint, tmp_path, log=lambda message: None) if r["category"] == "all"]
     exact = {r["round"]: r["exact"] for r in rows}
-    assert exact[1] >= exact[0] + 0.05 and exact[2] > exact[0], exact
+    assert exact[1] >= exact[0] + 0.03 and exact[2] >= exact[0] + 0.03, exact
     assert all(r["pairs"] > 0 for r in rows if r["round"] > 0), rows
 
 
