@@ -84,11 +84,15 @@ def work(cfg: RoundConfig, size: str) -> dict[str, tuple[float, str]]:
         draws += most if random_weights else min(most, math.ceil(quota / ACCEPTANCE))
         negatives += quota * len(perturbations_for(SUB_CATEGORIES[key][1]))
     chats = {"prompts": draws, "perturb": negatives, "densify": negatives, "questions": items + negatives}
+    from ospo_core.plugins import WORLDS, WRITERS
+
+    decodes = WRITERS[WORLDS[cfg.world][0]].writes_with_model  # the shapes world writes without the model
     out = {}
     for stage in TEXT_STAGES:
         budget = getattr(cfg, stage).max_new_tokens
         per_answer = budget if random_weights else min(budget, ANSWER_TOKENS[stage])
-        out[stage] = (chats[stage] * per_answer, f"tokens ({chats[stage]} chats)")
+        out[stage] = ((chats[stage] * per_answer, f"tokens ({chats[stage]} chats)") if decodes
+                      else (0, f"tokens (0 chats: {cfg.world} world)"))
     images = 2 * negatives
     out["render"] = (images, "images")
     out["vqa"] = (images * QUESTIONS_PER_IMAGE, "image-question pairs")

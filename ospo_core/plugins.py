@@ -81,6 +81,7 @@ class ModelWriter:
     """The paper: the model writes every text stage's output through its few-shot chats."""
 
     name = "model"
+    writes_with_model = True  # text stages cost decoding time (ospo_core.estimate)
     code = (janus_text,)
 
     def __init__(self, model: Callable[[], Any]):

@@ -101,3 +101,16 @@ def test_paper_estimate_table_is_never_below_the_bound_and_scales_with_gpus(caps
     assert out[-1].startswith("total: ") and out[-1].endswith(" h") and any(line.startswith("train ") for line in out)
     assert main(["estimate", "--device", "tpu"]) == 2
     assert "no device profile 'tpu'; known: ['cpu', 'h200']" in capsys.readouterr().err
+
+
+def test_a_shapes_world_round_is_estimated_without_text_decoding():
+    """The shapes world writes the text stages from each caption's structure: the estimate counts no decoding there,
+    only rendering, scoring and training."""
+    from ospo_core.config import PRESETS, RoundConfig
+    from ospo_core.estimate import TEXT_STAGES, estimate
+
+    shapes = estimate(RoundConfig.model_validate(PRESETS["testbed"]), size="tiny", device="cpu")
+    paper = estimate(RoundConfig.model_validate(PRESETS["demo"]), size="tiny", device="cpu")
+    assert all(e.work == 0 for e in shapes if e.stage in TEXT_STAGES)
+    assert all(e.work > 0 for e in paper if e.stage in TEXT_STAGES)
+    assert all(e.work > 0 for e in shapes if e.stage in ("render", "vqa", "train"))

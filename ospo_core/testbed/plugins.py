@@ -22,6 +22,7 @@ from ospo_core.testbed import judge, oracle, render, text, world
 class WorldWriter:
     name = "shapes"
     code = (text, world)
+    writes_with_model = False  # the world writes from each caption's structure: no decoding
 
     def __init__(self, model=None):
         del model  # the world writes without the model
