@@ -359,8 +359,9 @@ _JUDGES_TEXT = (
 JudgeModel = Annotated[str | None, Field(description="Local folder of the judge's weights (nothing is downloaded): "
                                          "fixed: a Janus checkpoint folder or 'tiny' (default: the round's start "
                                          "model); geneval: a folder with detector/ and clip/; vqa: a folder with vqa/ "
-                                         "and clip/ (transformers format); self_grid: a testbed checkpoint folder that answers instead of the "
-                                         "round's model (default: the round's model). Unused by self and oracle.")]
+                                         "and clip/ (transformers format); self_grid: a testbed checkpoint folder "
+                                         "that answers instead of the round's model (default: the round's model). "
+                                         "Unused by self and oracle.")]
 
 
 class VQAConfig(StageConfig):
@@ -718,6 +719,13 @@ class TestbedConfig(StageConfig):
     def _on_the_testbed_preset(cls, value):
         # A partial round (a UI form, a YAML file) changes the testbed preset, not the paper's RoundConfig defaults.
         return deep_update(TESTBED_OVERRIDES, value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_self_judge(self):
+        if "self_grid" in self.judges and self.round.vqa.judge_model is not None:
+            raise ValueError("round.vqa.judge_model is set by self_judge in self-judged testbed rounds (start: the "
+                             "start checkpoint, round: each round's model); leave it unset")
+        return self
 
     @field_validator("settings")
     @classmethod

@@ -92,7 +92,7 @@ def work(cfg: RoundConfig, size: str) -> dict[str, tuple[float, str]]:
         budget = getattr(cfg, stage).max_new_tokens
         per_answer = budget if random_weights else min(budget, ANSWER_TOKENS[stage])
         out[stage] = ((chats[stage] * per_answer, f"tokens ({chats[stage]} chats)") if decodes
-                      else (0, f"tokens (0 chats: {cfg.world} world)"))
+                      else (0, "tokens (0 chats: world)"))
     images = 2 * negatives
     out["render"] = (images, "images")
     out["vqa"] = (images * QUESTIONS_PER_IMAGE, "image-question pairs")

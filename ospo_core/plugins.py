@@ -41,6 +41,7 @@ class TextWriter(Protocol):
 
     name: str
     code: tuple
+    writes_with_model: bool  # whether the text stages decode with the model (their cost in ospo_core.estimate)
 
     def prompts(self, cfg) -> pa.Table: ...
     def negatives(self, jobs: list, cfg, round_items: list[dict]) -> pa.Table: ...
@@ -134,9 +135,9 @@ WRITERS: dict[str, type] = {"model": ModelWriter, "shapes": shapes.WorldWriter}
 JUDGES: dict[str, type] = {"self": SelfJudge, "oracle": shapes.OracleJudge, "fixed": FixedJudge,
                            "geneval": GenEvalJudge, "vqa": VQAJudge}
 JUDGES["self_grid"] = shapes.GridSelfJudge  # the testbed model judging its own drawings (testbed/judge.py)
-# Judges that load their own weights: built with (model loader, source, same) where source is judge_model, or for
-# the fixed judge the round's start model, and `same` says that is the stage's own model. self_grid loads one only
-# when judge_model names a folder.
+# Judges that may answer with weights other than the stage's model: built with (model loader, judge_model), the fixed
+# judge with the round's start model and `same` (whether that is the stage's own model) when judge_model is None;
+# self_grid then answers with the stage's model.
 JUDGES_WITH_SOURCE = ("fixed", "geneval", "vqa", "self_grid")
 DECODERS: dict[str, type] = {"vq": VQDecoder, "grid": shapes.GridDecoder}
 # RoundConfig.world -> (writer, decoder): one switch selects the testbed world.
@@ -168,7 +169,7 @@ def make_judge(name: str, load_model: Callable[[], Any], *, judge_model: str | N
                start: tuple | None = None, source: tuple | None = None) -> Judge:
     """Judge `name` from JUDGES. `judge_model` is its weights' folder. Without one, the fixed judge is `start`, the
     (model, adapters, fingerprint) the round started from, and reuses the stage's model (`source`) when that is it
-    or when no start is given."""
+    or when no start is given; self_grid answers with the stage's model."""
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; choose from {list(JUDGES)}")
     if name not in JUDGES_WITH_SOURCE:

@@ -52,8 +52,8 @@ def summary_markdown(round_id: str, manifest: dict, training: dict[str, float], 
                      scale: str = "", seconds: float | None = None, images: dict[str, str] | None = None,
                      estimate: str = "", url: Callable[[str], str | None] = lambda path: None) -> str:
     """The round at a glance: model, preset and scale, lineage, counts per table with where its Parquet files are,
-    the last training metrics, the wall time `ospo estimate` projected for it (`estimate`, its text) beside the
-    measured one, and `images` (title -> markdown image, e.g. `embed(...)`) under their titles.
+    the last training metrics, the wall time `ospo estimate` projects for it (`estimate`, its text; one device)
+    beside the measured one, and `images` (title -> markdown image, e.g. `embed(...)`) under their titles.
     `url(path)` gives an http(s) address of a file or folder where one is served (None: the path is shown)."""
     lineage = manifest.get("model", {})
     took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -82,7 +82,7 @@ def summary_markdown(round_id: str, manifest: dict, training: dict[str, float], 
         lines += ["", "| training metric (last logged; all in train_history) | value |", "|---|---|"]
         lines += [f"| {k} | {training[k]:.4g} |" for k in shown]
     if estimate:
-        lines += ["", f"**Wall time projected before the run** (`ospo estimate`; measured{took or ': -'})", "",
+        lines += ["", f"**Wall time `ospo estimate` projects for this round** (measured{took or ': -'})", "",
                   "```", estimate, "```"]
     for title, image in (images or {}).items():
         lines += ["", f"**{title}**", "", image]

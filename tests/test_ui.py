@@ -13,7 +13,7 @@ import time
 import pytest
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-from test_deploy import serving
+from test_deploy import serving, wait_final
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 300
@@ -43,18 +43,15 @@ def field(page, label: str):
 
 
 def finished_run(served):
-    """The one run of the round deployment, once it is final; a failed or crashed run fails with the server's log."""
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    """The one run of the round deployment, once it is final (`wait_final`); a failed or crashed run fails the test
+    with the server's log."""
     with served.client() as client:
         deployment = client.read_deployment_by_name("ospo-round/ospo-round")
-        while True:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-            assert len(runs) <= 1, [run.name for run in runs]
-            if runs and runs[0].state is not None and runs[0].state.is_final():
-                assert runs[0].state.is_completed(), f"{runs[0].state.name}:\n{served.log()}"
-                return runs[0]
-            assert time.monotonic() < deadline, f"no finished run after {RUN_TIMEOUT_S}s:\n{served.log()}"
-            time.sleep(2)
+        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        (run,) = client.read_flow_runs(deployment_filter=only_this)  # created when the form was submitted
+        run = wait_final(served, client, run.id, timeout=RUN_TIMEOUT_S)
+    assert run.state.is_completed(), f"{run.state.name}:\n{served.log()}"
+    return run
 
 
 def test_a_round_started_from_the_form_shows_its_summary_tables_and_images(tmp_path):

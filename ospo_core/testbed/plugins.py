@@ -17,6 +17,7 @@ from ospo_core.janus.load import load_janus
 from ospo_core.janus.memory import CPU_BATCH
 from ospo_core.judges.folders import folder_identity
 from ospo_core.testbed import judge, oracle, render, text, world
+from ospo_core.testbed.model import check_testbed_model
 
 
 class WorldWriter:
@@ -70,7 +71,7 @@ class GridSelfJudge:
 
     def __init__(self, model, judge_model: str | None = None):
         self.folder = judge_model
-        self.model = model if judge_model is None else functools.cache(lambda: load_janus(judge_model))
+        self.model = model if judge_model is None else functools.partial(_judge_checkpoint, judge_model)
 
     @property
     def identity(self) -> str:
@@ -97,6 +98,13 @@ class GridSelfJudge:
         for i, s in zip(readable, scores):
             out[i] = s
         return out
+
+
+@functools.lru_cache(maxsize=1)  # every stage call and round builds its judge anew; the checkpoint loads once
+def _judge_checkpoint(folder: str):
+    bundle = load_janus(folder)
+    check_testbed_model(bundle)
+    return bundle
 
 
 class GridDecoder:
