@@ -238,8 +238,8 @@ def test_the_judge_encoder_reads_drawn_grids_back_and_refuses_other_pictures():
 def test_the_shipped_model_judges_its_own_pngs_mostly_like_the_oracle(checkpoint):
     """Balanced held-out questions (captions never seen in pre-training) through the self-VQA stage's plug-in: the
     answers are the model's own probabilities read from the PNGs, and agree with the oracle on JUDGE_AGREEMENT of
-    them (measured 0.795 on these 400; the issue's target, 0.85, is not reached yet: TESTBED.md). A picture that is not a
-    grid drawing cannot be read."""
+    them (measured 0.795 on these 400; the issue's target, 0.85, is not reached yet: TESTBED.md). A picture that is
+    not a grid drawing cannot be read."""
     bundle = load_janus(checkpoint)
     rows = question_batch(WORLD, random.Random(7), 400, heldout=True)
     assert sum(truth for _, _, truth in rows) == 200  # balanced: always answering yes scores 50%
