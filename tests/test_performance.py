@@ -37,7 +37,9 @@ def test_a_chat_samples_the_same_answer_in_any_batch(tiny):
     seeds = [5, 6, 7, 8, 9, 10]
     kwargs = dict(seed=seeds, temperature=1.0, top_p=0.9, max_new_tokens=16)
     every = generate_text(tiny, chats, batch_size=6, **kwargs)
-    assert generate_text(tiny, chats, batch_size=1, **kwargs) == every
+    reported = []  # progress as chats finish: one slot at a time, so one chat at a time
+    assert generate_text(tiny, chats, batch_size=1, progress=lambda *p: reported.append(p), **kwargs) == every
+    assert reported == [(done, 6) for done in range(1, 7)]
     assert generate_text(tiny, chats, batch_size="auto", **kwargs) == every
     assert generate_text(tiny, chats[3:4], seed=8, temperature=1.0, top_p=0.9, max_new_tokens=16) == [every[3]]
     same = generate_text(tiny, [chats[0]] * 4, seed=[1, 2, 3, 4], max_new_tokens=16, batch_size=2)

@@ -94,8 +94,13 @@ def test_a_text_stage_logs_its_progress_as_it_writes(monkeypatch):
     from ospo_core.stages import common
 
     calls = []
-    monkeypatch.setattr(common, "generate_text", lambda bundle, chats, *, seed, **kw: calls.append(len(chats)) or
-                        [f"answer {s}" for s in seed])
+    def generate_text(bundle, chats, *, seed, progress, **kw):  # the engine reports chats as they finish
+        calls.append(len(chats))
+        for done in range(1, len(chats) + 1):
+            progress(done, len(chats))
+        return [f"answer {s}" for s in seed]
+
+    monkeypatch.setattr(common, "generate_text", generate_text)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -108,7 +113,7 @@ def test_a_text_stage_logs_its_progress_as_it_writes(monkeypatch):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert out == [f"answer {s}" for s in range(1000)] and calls == [512, 488]
+    assert out == [f"answer {s}" for s in range(1000)] and calls == [1000]  # one decoding run
     assert [r.progress for r in records] == [(512, 1000), (1000, 1000)]
     assert records[-1].getMessage() == "negatives: 1000/1000 answers written"
 

@@ -43,7 +43,7 @@ class Scripted:
         self.answer = answer
         self.calls = []
 
-    def __call__(self, bundle, chats, *, seed, temperature, top_p, max_new_tokens, batch_size):
+    def __call__(self, bundle, chats, *, seed, temperature, top_p, max_new_tokens, batch_size, progress=None):
         assert len(seed) == len(chats)
         self.calls.append({"chats": chats, "seed": list(seed), "temperature": temperature, "top_p": top_p,
                            "max_new_tokens": max_new_tokens})

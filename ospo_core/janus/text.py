@@ -23,6 +23,7 @@ does not depend on the batch, the batch size, the other chats or the order they 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -165,16 +166,18 @@ def generate_text(
     batch_size: int | str = 16,
     greedy: bool = False,
     compile_mode: str | None = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Each chat (system/user/assistant messages, ending with a user turn) -> the decoded new text.
 
     Special tokens are skipped in the decoded text. Chat i samples from its own generator seeded by seed[i], so its
     answer does not depend on the other chats, on `batch_size` (rows decoded together; "auto" = by free memory on a
     GPU, see `ospo_core.janus.memory`) or on `compile_mode` (see `resolve_compile_mode`; speed only).
+    `progress(done, total)` is called whenever chats finish.
     """
     tokens = generate_tokens(bundle, chats, seed=seed, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=greedy,
-                             compile_mode=compile_mode)
+                             compile_mode=compile_mode, progress=progress)
     return [bundle.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 
@@ -190,6 +193,7 @@ def generate_tokens(
     batch_size: int | str = 16,
     greedy: bool = False,
     compile_mode: str | None = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """`generate_text` before decoding: each chat's new token ids, up to (without) its EOS."""
     if temperature <= 0:
@@ -210,7 +214,7 @@ def generate_tokens(
     slots = resolve_batch(batch_size, "text", bundle.device, per_row, limit=len(chats),
                           reserve_bytes=kv_bytes_per_position(bundle.model) * longest_prefix)
     engine = _Engine(bundle, slots, length, mode, temperature, top_p, greedy)
-    return engine.run(ids, of, families, seeds, max_new_tokens)
+    return engine.run(ids, of, families, seeds, max_new_tokens, progress)
 
 
 class _Engine:
@@ -234,8 +238,8 @@ class _Engine:
         family.keys = [layer.keys for layer in cache.layers]  # (1, H, P, d) each
         family.values = [layer.values for layer in cache.layers]
 
-    def run(self, ids, of, families, seeds, max_new) -> list[list[int]]:
-        n = len(ids)
+    def run(self, ids, of, families, seeds, max_new, progress=None) -> list[list[int]]:
+        n, done = len(ids), 0
         # Chats queue family by family (stable), so one family's prefix is held at a time in the common case.
         queue = sorted(range(n), key=lambda i: of[i])[::-1]  # popped from the end
         uniforms = None if self.sampling["greedy"] else row_uniforms(seeds, max_new, self.device)  # (N, max_new)
@@ -274,10 +278,11 @@ class _Engine:
                     out[chat[s]].append(t)
                     length[s] += 1
             # Rows that drew EOS or spent their budget free their slots; the last active row moves into the gap.
-            s = 0
+            s, finished = 0, done
             while s < active:
                 c = chat[s]
                 if out[c][-1] == self.eos or len(out[c]) >= max_new:
+                    done += 1
                     active -= 1
                     if s != active:
                         self.cache.move_row(active, s, length[active])
@@ -287,6 +292,8 @@ class _Engine:
                     chat[active] = -1
                     continue
                 s += 1
+            if progress is not None and done > finished:
+                progress(done, n)
         return [row[:-1] if row and row[-1] == self.eos else row for row in out]
 
     def _admit(self, admitted, start, ids, of, families, uniforms) -> list[int]:

@@ -50,12 +50,14 @@ def ok_input_rows(
 
 def write_texts(bundle, chats: list, seeds: list[int], cfg, what: str) -> list[str]:
     """The model's answers to `chats` (chat i sampled from seeds[i] with cfg's temperature, top_p, token budget and
-    batch size), written PROGRESS_CHATS at a time with a log line after each that carries the progress (`extra`:
-    the UI's progress artifact reads it). An answer depends only on its chat and seed, not on the split."""
-    out: list[str] = []
-    for start in range(0, len(chats), PROGRESS_CHATS):
-        out += generate_text(bundle, chats[start:start + PROGRESS_CHATS], seed=seeds[start:start + PROGRESS_CHATS],
-                             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size)
-        log.info("%s: %d/%d answers written", what, len(out), len(chats), extra={"progress": (len(out), len(chats))})
-    return out
+    batch size), in one decoding run, with a log line each time another PROGRESS_CHATS answers are written and at the
+    end; the line carries the progress (`extra`: the UI's progress artifact reads it)."""
+    logged = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done // PROGRESS_CHATS > logged[0] // PROGRESS_CHATS or done == total:
+            logged[0] = done
+            log.info("%s: %d/%d answers written", what, done, total, extra={"progress": (done, total)})
+
+    return generate_text(bundle, chats, seed=seeds, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
