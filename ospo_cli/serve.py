@@ -22,7 +22,7 @@ import psutil
 
 from ospo_cli import ServeError, UsageError, writable_folder
 from ospo_cli.server import die_with_parent, healthy, new_auth_string, stop, wait_healthy
-from ospo_cli.worker import REPO, allowed_deployments
+from ospo_cli.worker import REPO, deployment_pools
 
 GPU_WORKER = ".venv/bin/python -m ospo_cli.worker --pool ospo-gpu"  # from the checkout, with the server's credentials
 WORK_POOLS = {
@@ -119,10 +119,11 @@ def serve(host: str, port: int, home: Path, gpu_worker: bool, offline_env: dict[
                  "--name", f"{pool}-{socket.gethostname()}-{os.getpid()}"],
                 env=env, cwd=REPO, start_new_session=True, preexec_fn=die_with_parent())
             children.append((f"{pool} worker", worker))
-        waiting = [name for name, pool in deployment_pools().items() if pool not in pools]
+        pool_of = deployment_pools()
+        waiting = [name for name, pool in pool_of.items() if pool not in pools]
         print(f"\nPrefect UI: {address} (on first load it asks for the API auth string: paste the whole line below)\n"
               f"API auth string: {auth} (kept in {auth_path}, readable by you only)\n"
-              f"deployments: {', '.join(allowed_deployments())}; worker(s) polling {', '.join(pools)}\n"
+              f"deployments: {', '.join(pool_of)}; worker(s) polling {', '.join(pools)}\n"
               + (f"waiting for a GPU worker: {', '.join(waiting)} (pool ospo-gpu; their runs wait and a scheduled "
                  f"nightly run goes Late until one polls it): on a GPU machine run `{GPU_WORKER}` from the checkout "
                  "with the two variables below, or `ospo serve --gpu-worker` there\n" if waiting else "") +
@@ -151,14 +152,6 @@ def serve(host: str, port: int, home: Path, gpu_worker: bool, offline_env: dict[
                 signal.signal(sig, handler)
     print("stopped")
     return 0
-
-
-def deployment_pools() -> dict[str, str]:
-    """Deployment name -> the work pool prefect.yaml puts it in."""
-    import yaml
-
-    document = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
-    return {d["name"]: (d.get("work_pool") or {}).get("name", "") for d in document["deployments"]}
 
 
 def _raise_interrupt(signum, frame):

@@ -38,6 +38,12 @@ def allowed_deployments(prefect_yaml: Path = REPO / "prefect.yaml") -> dict[str,
             for d in document["deployments"]}
 
 
+def deployment_pools(prefect_yaml: Path = REPO / "prefect.yaml") -> dict[str, str]:
+    """Deployment name -> the work pool prefect.yaml puts it in."""
+    document = yaml.safe_load(prefect_yaml.read_text(encoding="utf-8"))
+    return {d["name"]: (d.get("work_pool") or {}).get("name", "") for d in document["deployments"]}
+
+
 def check_deployment(deployment, flow_run_job_variables: dict | None, allowed: dict[str, dict]) -> None:
     """Raise DeploymentRefused unless `deployment` (a Prefect DeploymentResponse) is as prefect.yaml declares it and
     the flow run overrides none of its job variables."""

@@ -171,7 +171,7 @@ def _resume(directory: Path, key: str) -> dict[int, str]:
     kept = {}
     for shard in store.finished_shards(directory):
         path = store.shard_path(directory, shard)
-        digest = file_hash(path)
+        digest = file_hash(path) if started == key else None  # another key's shards go unread
         if started == key and recorded.get(shard) in (None, digest):
             # recorded and intact, or written (atomically) by this key's run just before it died, unrecorded
             kept[shard] = digest

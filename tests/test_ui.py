@@ -3,7 +3,7 @@
 
 Playwright for Python drives Debian's `chromium` package (`apt-get install -y chromium`; .ci/run installs it when
 it is missing), never a browser Playwright downloads. Each step's screenshot is saved in the test's temporary
-folder. Under CI=true a missing browser or package fails the test with its name; elsewhere it is skipped with it.
+folder. A missing browser or package fails the test, naming what to install (it is never skipped).
 """
 
 import re
