@@ -187,14 +187,13 @@ def _number(value) -> str:
 def eval_markdown(table: pa.Table, max_images: int = 4) -> str:
     """An evaluation at a glance: mean local score per category as bars, then sample images with their prompt,
     score and answers."""
-    scores: dict[str, list[float]] = {}
-    for category, score in zip(table.column("category").to_pylist(), table.column("score").to_pylist()):
-        if score is not None:
-            scores.setdefault(category, []).append(score)
+    from ospo_core.evaluate import eval_metrics  # the metrics table's own numbers (ok rows), not a second count
+
+    scores = {name: m.mean_score for name, m in eval_metrics(table).categories.items() if m.mean_score is not None}
     parts = []
     if scores:
         names = sorted(scores)
-        means = [sum(scores[n]) / len(scores[n]) for n in names]
+        means = [scores[n] for n in names]
         figure = new_figure(480, 60 + 22 * len(names))
         axes = figure.subplots()
         axes.barh(names, means, color="C0")

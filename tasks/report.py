@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 from prefect.artifacts import (
     create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
 )
@@ -215,7 +216,7 @@ def stage_started(stage: str) -> None:
         count.started(stage)
 
 
-def _table(info: dict, name: str = "pairs") -> pa.Table:
+def _table(info: dict, name: str) -> pa.Table:
     return read_table(Path(info["path"]), SCHEMAS[name], name=name)
 
 
@@ -230,8 +231,9 @@ def summarize(ctx, config, manifest: dict, seconds: float) -> None:
     sheet_path = manifest.get("contact_sheet")
     if sheet_path and url(sheet_path):  # served: the full-size sheet, not a thumbnail
         pictures["Chosen | rejected pairs (the contact sheet)"] = f"![contact sheet]({url(sheet_path)})"
-    elif (pairs := manifest.get("tables", {}).get("pairs")) and (sheet := views.pairs_sheet(_table(pairs))):
-        pictures["Chosen | rejected pairs (the contact sheet)"] = views.embed(sheet, "contact sheet", max_px=1024)
+    elif sheet_path:  # the one close_round saved: embedded, downscaled, rather than drawn again from the pairs
+        with Image.open(sheet_path) as sheet:
+            pictures["Chosen | rejected pairs (the contact sheet)"] = views.embed(sheet, "contact sheet", max_px=1024)
     history = manifest.get("tables", {}).get("train_history")
     curves = views.training_curves(_table(history, "train_history")) if history else None
     if curves is not None:

@@ -120,12 +120,10 @@ def check_pairs(ctx: StageContext, pairs: dict) -> None:
 def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | None], promote: bool = True) -> dict:
     """Manifest with counts and hashes of every table, the registry entry of the new adapter, and the contact
     sheet (written next to the tables)."""
-    tables = {}
-    for name, ref in refs.items():
-        if ref is not None:
-            tables[name] = {"path": ref["path"], "rows": ref["rows"], "hash": ref["hash"],
-                            "counts": table_counts(read_ref(ref))}
-    sheet_image = contact_sheet(read_ref(refs["pairs"]))
+    read = {name: read_ref(ref) for name, ref in refs.items() if ref is not None}  # each table once
+    tables = {name: {"path": refs[name]["path"], "rows": refs[name]["rows"], "hash": refs[name]["hash"],
+                     "counts": table_counts(table)} for name, table in read.items()}
+    sheet_image = contact_sheet(read["pairs"])
     sheet = None
     if sheet_image is not None:
         sheet = ctx.round_path / "contact_sheet.png"
@@ -134,7 +132,7 @@ def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | N
         tmp.replace(sheet)
     adapter = str(ctx.round_path / "train" / "adapter")
     training = {}
-    for row in read_ref(refs["train_history"]).to_pylist():
+    for row in read["train_history"].to_pylist():
         training[row["metric"]] = row["value"]  # rows are in step order: the last value of each metric
     manifest = {
         **store.read_manifest(ctx.round_path),
@@ -147,7 +145,7 @@ def close_round(ctx: StageContext, config: RoundConfig, refs: dict[str, dict | N
         "training": training,
         # the tokens selection, masks and training used (SelectConfig.token_source), and stage 1's shortfall
         "token_source": config.select.token_source,
-        "prompt_shortfall": prompt_shortfall(read_ref(refs["prompts"]), config.prompts),
+        "prompt_shortfall": prompt_shortfall(read["prompts"], config.prompts),
         "contact_sheet": str(sheet) if sheet else None,
         "finished": _now(),
         "status": "finished",

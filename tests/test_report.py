@@ -72,7 +72,7 @@ def test_stage_pictures_show_each_image_with_its_prompt_and_questions():
     assert image.convert("RGB").getpixel((0, 0)) == (0, 0, 255)  # the negative side's image, asked about
     assert "| base | Is the apple red? | 0.250 | 0.750 | no |" in answered
     judged = to_table([{"prompt_set": "geneval", "prompt_id": str(i), "category": category, "prompt": f"prompt {i}",
-                        "k": 0, "seed": i, "image": red, "score": score, "all_yes": score > 0, "ok": True}
+                        "tags": [], "k": 0, "seed": i, "image": red, "score": score, "all_yes": score > 0, "ok": True}
                        for i, (category, score) in enumerate([("colors", 0.5), ("counting", -0.25)])], EVAL)
     bars, *samples = _png(report.eval_markdown(judged))
     assert bars.width == 480 and len(samples) == 2  # mean score per category, then each image

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 
 import pyarrow as pa
 
@@ -123,13 +124,10 @@ def prompt_shortfall(prompts: pa.Table, cfg: PromptsConfig) -> dict[str, dict[st
     """Sub-categories (the table's, e.g. attribute2 = color2 + shape2 + texture2) that ended below their quota:
     {sub_category: {"wanted", "accepted", "missing"}}. A run stops after ceil(quota x max_draws_per_item) draws
     (the spec draws until the quota is met), so a model that often breaks the format falls short; empty = none."""
-    wanted: dict[str, int] = {}
-    for key in SUB_CATEGORIES:
-        if cfg.quota_for(key):
-            sub = prompt_template(key).sub_category
-            wanted[sub] = wanted.get(sub, 0) + cfg.quota_for(key)
-    rows = prompts.select(["sub_category", "ok"]).to_pylist()
-    accepted = {sub: sum(r["ok"] and r["sub_category"] == sub for r in rows) for sub in wanted}
+    wanted: Counter = Counter()
+    for key, (_, sub) in SUB_CATEGORIES.items():
+        wanted[sub] += cfg.quota_for(key)
+    accepted = Counter(prompts.filter(prompts.column("ok")).column("sub_category").to_pylist())
     return {sub: {"wanted": n, "accepted": accepted[sub], "missing": n - accepted[sub]}
             for sub, n in wanted.items() if accepted[sub] < n}
 
