@@ -21,6 +21,18 @@ JanusSource = tuple[str, tuple[str, ...], str]
 _LOADED: dict[tuple, Any] = {}  # one judge model per process, besides the stage's own
 
 
+def frozen_model(model: str, adapters=()):
+    """A judge's own model (a folder or "tiny", plus adapters), loaded once per process: every stage call and round
+    builds its judge anew, and the judge's weights do not change during a run."""
+    key = (model, tuple(adapters))
+    if key not in _LOADED:
+        from ospo_core.janus.load import load_janus
+
+        _LOADED.clear()
+        _LOADED[key] = load_janus(model, adapters=tuple(adapters))
+    return _LOADED[key]
+
+
 def janus_answers(bundle, rows: list[dict], questions: list[list[str]], batch_size: int) -> list[Scores | None]:
     """(p_yes, p_no) per question from the decoded PNG of each row; None for a row whose PNG does not decode."""
     from ospo_core.records import decode_image
@@ -68,13 +80,7 @@ class FixedJudge:
         if self.same:
             return self.stage_model()
         model, adapters, fingerprint = self.source
-        key = (model, tuple(adapters))
-        if key not in _LOADED:
-            from ospo_core.janus.load import load_janus
-
-            _LOADED.clear()
-            _LOADED[key] = load_janus(model, adapters=tuple(adapters))
-        bundle = _LOADED[key]
+        bundle = frozen_model(model, adapters)
         if fingerprint and bundle.fingerprint != fingerprint:
             raise RuntimeError(f"fixed judge {model} + {len(adapters)} adapters has fingerprint {bundle.fingerprint}, "
                                f"not the recorded {fingerprint}: its weights changed; re-run the round")

@@ -13,8 +13,8 @@ import functools
 
 import pyarrow as pa
 
-from ospo_core.janus.load import load_janus
 from ospo_core.janus.memory import CPU_BATCH
+from ospo_core.judges.fixed import frozen_model
 from ospo_core.judges.folders import folder_identity
 from ospo_core.testbed import judge, oracle, render, text, world
 from ospo_core.testbed.model import check_testbed_model
@@ -100,9 +100,8 @@ class GridSelfJudge:
         return out
 
 
-@functools.lru_cache(maxsize=1)  # every stage call and round builds its judge anew; the checkpoint loads once
 def _judge_checkpoint(folder: str):
-    bundle = load_janus(folder)
+    bundle = frozen_model(folder)
     check_testbed_model(bundle)
     return bundle
 
