@@ -133,7 +133,7 @@ def embed(image: Image.Image, alt: str, max_px: int = THUMBNAIL_PX, max_bytes: i
     return f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
-def _text(value, limit: int = 160) -> str:
+def cell_text(value, limit: int = 160) -> str:
     """A table cell: one line, no pipes, cut at `limit` characters."""
     text = " ".join(str("" if value is None else value).split()).replace("|", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -154,7 +154,7 @@ def images_markdown(images: pa.Table, max_rows: int = 6) -> str:
     for row in rows:
         image = decode_image(row["image"])
         cell = embed(image, row["prompt"] or "") if image is not None else "(no image)"
-        lines.append(f"| {cell} | {row['item_id']} | {row['side']} | {row['k']} | {_text(row['prompt'])} |")
+        lines.append(f"| {cell} | {row['item_id']} | {row['side']} | {row['k']} | {cell_text(row['prompt'])} |")
     return "\n".join(lines)
 
 
@@ -172,10 +172,10 @@ def vqa_markdown(vqa: pa.Table, images: pa.Table, max_images: int = 2) -> str:
         row = wanted.get(key)
         image = decode_image(row["image"]) if row else None
         parts += [f"{embed(image, row['prompt'] or '') if image is not None else '(no image)'}", "",
-                  f"item {key[0]}, {key[1]} image, k = {key[2]}: {_text(row['prompt'] if row else '')}", "",
+                  f"item {key[0]}, {key[1]} image, k = {key[2]}: {cell_text(row['prompt'] if row else '')}", "",
                   "| questions of | question | p_yes | p_no | answer |", "|---|---|---|---|---|"]
-        parts += [f"| {q['question_set']} | {_text(q['question'])} | {_number(q['p_yes'])} | {_number(q['p_no'])} | "
-                  f"{q['answer'] or ''} |" for q in questions]
+        parts += [f"| {q['question_set']} | {cell_text(q['question'])} | {_number(q['p_yes'])} | "
+                  f"{_number(q['p_no'])} | {q['answer'] or ''} |" for q in questions]
         parts.append("")
     return "\n".join(parts)
 
@@ -207,7 +207,7 @@ def eval_markdown(table: pa.Table, max_images: int = 4) -> str:
     for row in table.slice(0, max_images).select(["category", "prompt", "image", "score", "all_yes"]).to_pylist():
         image = decode_image(row["image"])
         cell = embed(image, row["prompt"] or "") if image is not None else "(no image)"
-        parts.append(f"| {cell} | {row['category']} | {_text(row['prompt'])} | {_number(row['score'])} | "
+        parts.append(f"| {cell} | {row['category']} | {cell_text(row['prompt'])} | {_number(row['score'])} | "
                      f"{'' if row['all_yes'] is None else ('yes' if row['all_yes'] else 'no')} |")
     return "\n".join(parts)
 

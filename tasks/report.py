@@ -42,11 +42,6 @@ def artifact_key(ctx, name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in raw).strip("-")
 
 
-def _cell(value) -> str:
-    text = "" if value is None else str(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def home_url(home: str | Path, path: str | Path | None) -> str | None:
     """The http(s) address of `path` (inside OSPO_HOME) when OSPO_HOME_URL is set, else None."""
     base = os.environ.get(HOME_URL, "")
@@ -81,7 +76,8 @@ def report(ctx, stage: str, manifest: dict, table: pa.Table, rows_in: int | None
                           description=f"{name}: {tally.get('ok', tally['rows'])} of {tally['rows']} rows ok; "
                                       f"table at {manifest['path']}")
     columns = [c for c in SAMPLE_COLUMNS if c in table.column_names]
-    samples = [{c: _cell(row[c]) for c in columns} for row in _sample(table).select(columns).to_pylist()]
+    samples = [{c: views.cell_text(row[c], 120) for c in columns}
+               for row in _sample(table).select(columns).to_pylist()]
     if samples:
         create_table_artifact(key=artifact_key(ctx, f"{name}-samples"), table=samples,
                               description=f"{name}: {len(samples)} sample rows (accepted first, then rejected)")
