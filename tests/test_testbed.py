@@ -217,7 +217,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-JUDGE_AGREEMENT = 0.75  # the shipped judge: 0.795 on these 400 questions, 0.799 on the build's 512
+JUDGE_AGREEMENT = 0.85  # the issue's target; the shipped judge: 0.905 on these 400 questions, 0.922 on the build's 512
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_the_judge_encoder_reads_drawn_grids_back_and_refuses_other_pictures():
 def test_the_shipped_model_judges_its_own_pngs_mostly_like_the_oracle(checkpoint):
     """Balanced held-out questions (captions never seen in pre-training) through the self-VQA stage's plug-in: the
     answers are the model's own probabilities read from the PNGs, and agree with the oracle on JUDGE_AGREEMENT of
-    them (measured 0.795 on these 400; the issue's target, 0.85, is not reached yet: TESTBED.md). A picture that is
+    them (measured 0.905 on these 400). A picture that is
     not a grid drawing cannot be read."""
     bundle = load_janus(checkpoint)
     rows = question_batch(WORLD, random.Random(7), 400, heldout=True)
@@ -307,9 +307,10 @@ def test_the_start_model_is_built_by_one_deterministic_command(tmp_path, one_thr
 
 # ---------------------------------------------------------------- rounds on the shipped testbed model
 
-# Small settings: one seed, fewer prompts and held-out samples, the shipped start model.
+# Small settings: one seed, fewer prompts, the shipped start model (held-out samples as the table's: at 48 a
+# category the start model measured 0.288 instead of 0.272, noise as large as the gains asserted).
 SMALL = configs.TestbedConfig.model_validate({
-    "seeds": [0], "settings": ["ospo"], "judges": ["oracle"], "rounds": 2, "workers": 1, "eval_samples": 48,
+    "seeds": [0], "settings": ["ospo"], "judges": ["oracle"], "rounds": 2, "workers": 1,
     "round": {"prompts": {"quotas": {"2D_spatial": 48, "numeracy2": 48, "complex": 48}}},
 })
 
@@ -322,7 +323,7 @@ def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
     run_dir, table = run_testbed(SMALL, tmp_path, checkpoint, log=lambda message: None)
     rows = json.loads((run_dir / "results.json").read_text())
     exact = {r["round"]: r["exact"] for r in rows if r["category"] == "all"}
-    assert exact[2] >= exact[0] + 0.04, exact  # measured 0.253 -> 0.306 -> 0.312
+    assert exact[2] >= exact[0] + 0.03, exact  # measured 0.272 -> 0.318 -> 0.316
     assert (run_dir / "results.md").read_text().strip() == table.strip()
     assert f"| ospo, oracle | {exact[0]:.3f} | {exact[1]:.3f} | {exact[2]:.3f} |" in table
     for picture in ("ablation.png", "samples.png"):
@@ -336,8 +337,8 @@ def test_two_default_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
 def test_two_self_judged_rounds_raise_heldout_accuracy(checkpoint, tmp_path):
     """Self-improvement: the shipped model judges its own drawings, selects its pairs and trains on them; two rounds
     of the v2 default raise held-out exact-scene accuracy on seed 0 (the start checkpoint judges both rounds,
-    TestbedConfig.self_judge). Measured 0.253 -> 0.306 -> 0.295 with 68 and 75 pairs: round 2 keeps most of round
-    1's gain; later rounds give it back (TESTBED.md)."""
+    TestbedConfig.self_judge). Measured 0.272 -> 0.337 -> 0.315 with 84 and 89 pairs: round 2 keeps most of round
+    1's gain (TESTBED.md)."""
     cfg = SMALL.model_copy(update={"judges": ["self_grid"]})
     rows = [r for r in run_ablation(cfg, checkpoint, tmp_path, log=lambda message: None) if r["category"] == "all"]
     exact = {r["round"]: r["exact"] for r in rows}

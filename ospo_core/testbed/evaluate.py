@@ -19,7 +19,7 @@ import random
 import pyarrow as pa
 
 from ospo_core.janus.image import sample_image_tokens
-from ospo_core.config import RenderConfig
+from ospo_core.config import RenderConfig, TestbedConfig
 from ospo_core.records import TESTBED_EVAL, to_table
 from ospo_core.stages.common import row_seed
 from ospo_core.testbed.oracle import answers
@@ -83,8 +83,8 @@ def summarize(table: pa.Table) -> dict[str, dict[str, float]]:
     return out
 
 
-def before_after(model: str, adapters: list[str], adapter: str, render: RenderConfig, *, samples: int = 64,
-                 seed: int = 0) -> tuple[dict, dict]:
+def before_after(model: str, adapters: list[str], adapter: str, render: RenderConfig, *,
+                 samples: int = TestbedConfig.model_fields["eval_samples"].default, seed: int = 0) -> tuple[dict, dict]:
     """Held-out summaries (`summarize`) of a round's start model (`model` + `adapters`) and of its trained model
     (the same + `adapter`), drawn with the same noise: what one round did to the drawing."""
     from ospo_core.janus.load import load_janus
