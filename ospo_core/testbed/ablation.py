@@ -185,11 +185,15 @@ def run_ablation(cfg: TestbedConfig, checkpoint: str | Path, run_dir: str | Path
     if workers > 1:
         import torch
 
+        # Self-judged jobs take longest (the model answers every question): start them first, so that none starts
+        # last while the other workers idle (the default table ran a self-judged seed alone for its last minutes).
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][4] == "oracle")
         # Spawned workers are fresh interpreters (no forked torch or tokenizer state); a worker that dies raises
         # BrokenProcessPool here instead of hanging the table.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
-            per_seed = list(pool.map(run_seed, *zip(*jobs)))
+            done = pool.map(run_seed, *zip(*(jobs[i] for i in order)))
+            per_seed = [rows for _, rows in sorted(zip(order, done), key=lambda pair: pair[0])]
     else:
         per_seed = [run_seed(*job, log=log) for job in jobs]
     rows = [row for seed_rows in per_seed for row in seed_rows]
