@@ -489,7 +489,7 @@ V3_OVERRIDES: dict = {
               "lr_scheduler": "cosine", "warmup_ratio": 0.05, "min_lr": 1e-7, "max_steps": 1000, "save_steps": 100},
 }
 # `make run` (`ospo run --model testbed`): one testbed round on the shipped start model with the model judging its
-# own drawings (ospo_core.testbed.judge; 92% agreement with the oracle on balanced held-out questions).
+# own drawings (ospo_core.testbed.judge; ~90% agreement with the oracle on balanced held-out questions).
 TESTBED_DEMO_OVERRIDES: dict = {**TESTBED_OVERRIDES, "vqa": {"judge": "self_grid", "batch_size": 64}}
 PRESETS: dict[str, dict] = {"paper": {}, "demo": DEMO_OVERRIDES, "testbed": TESTBED_OVERRIDES, "v3": V3_OVERRIDES,
                             "testbed-demo": TESTBED_DEMO_OVERRIDES}
@@ -662,11 +662,12 @@ class PretrainConfig(StageConfig):
     num_layers: int = Field(4, ge=1, le=64, description="Layers of the language model (see hidden_size).")
     judge_steps: int = Field(2400, ge=0, le=100_000, description="Steps of the judge phase after the drawing "
                              "phases: yes/no questions about scenes, oracle-labelled, so the model can judge its own "
-                             "images (VQAConfig.judge = self_grid): 92% agreement with the oracle after 2,400 at batch "
-                             "128 (TESTBED.md). 0 = a model that only draws (its answers are noise).")
+                             "images (VQAConfig.judge = self_grid): ~90% agreement with the oracle after 2,400 at "
+                             "batch 128 (TESTBED.md). 0 = a model that only draws (its answers are noise).")
     judge_batch_size: int = Field(128, ge=1, le=4096, description="Questions per judge step, half answered yes. "
-                                  "Larger batches judge better for the same steps (2,400 steps: 0.81 at 32, 0.83 at "
-                                  "64, 0.92 at 128) and cost proportionally more time.")
+                                  "Larger batches judge better for the same steps (2,400 steps, agreement on the "
+                                  "build's 512 questions: 0.81 at 32, 0.83 at 64, 0.92 at 128) and cost "
+                                  "proportionally more time.")
     judge_learning_rate: float = Field(2e-3, gt=0, le=1, description="AdamW peak rate of the judge phase, "
                                        "cosine-decayed to a tenth.")
     judge_draw_weight: float = Field(1.0, ge=0, le=100, description="Weight of the noisy phase's drawing loss kept "

@@ -17,7 +17,7 @@ So the testbed's understanding path is simpler, in the way unified models with o
 Counting, binding colours to shapes and checking relations are all the language model's, learnt in pre-training
 (`pretrain.train_judge`) from oracle-labelled questions on training captions, and trained further by nothing but
 the rounds' LoRA updates of its drawing: whether the judge drifts as the model draws is measured, not assumed (it
-does, hence `TestbedConfig.self_judge`). The shipped model's judge agrees with the oracle on 92% of balanced held-out
+does, hence `TestbedConfig.self_judge`). The shipped model's judge agrees with the oracle on ~90% of balanced held-out
 questions; what it still gets wrong (true relations, a count asked where a look-alike stands in) is in TESTBED.md.
 """
 

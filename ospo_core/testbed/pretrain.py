@@ -17,8 +17,8 @@ training captions, their perturbations and corrupted copies, answered by the ora
 cross-entropy on the answer token of the language-model head at the open assistant turn; each step also keeps
 `judge_draw_weight` of the noisy phase's drawing loss, so that learning to understand does not unlearn drawing.
 The aim is understanding ahead of generation, as in Janus-Pro (a judge that answers most questions right about
-scenes the model mostly draws wrong): the shipped model's judge agrees with the oracle on 92% of balanced held-out
-questions while it draws 23-28% of held-out scenes exactly (TESTBED.md).
+scenes the model mostly draws wrong): the shipped model's judge agrees with the oracle on ~90% of balanced held-out
+questions while it draws 26% of held-out scenes exactly (TESTBED.md).
 
 The checkpoint is a normal model folder (`save_janus`), loaded with `load_janus(folder)` like any Janus checkpoint,
 plus `ospo_testbed.json`: the world and the pre-training settings it was made with, so a cached checkpoint is only
