@@ -227,7 +227,7 @@ def summarize(ctx, config, manifest: dict, seconds: float) -> None:
     sheet_path = manifest.get("contact_sheet")
     if sheet_path and url(sheet_path):  # served: the full-size sheet, not a thumbnail
         pictures["Chosen | rejected pairs (the contact sheet)"] = f"![contact sheet]({url(sheet_path)})"
-    elif sheet_path:  # the one close_round saved: embedded, downscaled, rather than drawn again from the pairs
+    elif sheet_path and Path(sheet_path).is_file():  # close_round's, embedded downscaled, not drawn again
         with Image.open(sheet_path) as sheet:
             pictures["Chosen | rejected pairs (the contact sheet)"] = views.embed(sheet, "contact sheet", max_px=1024)
     history = manifest.get("tables", {}).get("train_history")
